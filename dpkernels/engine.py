@@ -1,0 +1,258 @@
+"""The one-backward engine: capture, norm accumulation, clip factors, clipped sums.
+
+``Engine.attach`` swaps each module's ``forward`` (an instance attribute, so the class and
+every other instance are untouched) for one that runs the layer through a custom autograd
+Function.  In the backward pass that Function computes only the input gradient and hands
+the engine one ``Use`` per trainable parameter; the engine adds the use's per-sample squared
+norm (plus the cross terms with earlier uses of the same parameter) into a ``[B]``
+accumulator and keeps the use.  ``fold`` then turns the norms into clip factors and every
+use into its clipped sum: into a float32 accumulator (``accumulate``), or with noise and
+scale straight into ``param.grad`` (``step``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpkernels import dispatch
+from dpkernels.layers import find_handler, refuse
+from dpkernels.layers.base import Use, cross
+
+_ENGINE_ATTR = "_dpkernels_engine"
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_grad_norm: float,
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        norm_method: str = "auto",
+    ) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if norm_method not in ("auto", "ghost", "direct"):
+            raise ValueError(f"norm_method must be 'auto', 'ghost' or 'direct', got {norm_method!r}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss_reduction = loss_reduction
+        self.backend = backend
+        self.norm_method = norm_method
+        self.bypass = False  # True while the generic fallback re-runs a forward per sample
+        self._patched: dict[nn.Module, tuple[str, object]] = {}
+        self._hooks: list = []
+        self.param_names: dict[nn.Parameter, str] = {}
+        self.params: list[nn.Parameter] = []
+        # per micro-batch state
+        self.uses: dict[nn.Parameter, list[Use]] = {}
+        self.norm_sq: torch.Tensor | None = None
+        self.batch_size: int | None = None
+        self.first_module: str | None = None
+        # across micro-batches of one logical step
+        self.acc: dict[nn.Parameter, torch.Tensor] = {}
+        self.last_norms: torch.Tensor | None = None
+        self._checked_devices: set[str] = set()
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> None:
+        model = self.model
+        if getattr(model, _ENGINE_ATTR, None) is not None:
+            raise RuntimeError(
+                "this model is already attached to a DPOptimizer; call dpkernels.detach(model) "
+                "first"
+            )
+        owners: dict[nn.Parameter, list[str]] = {}
+        plan: dict[nn.Module, tuple[str, object]] = {}
+        skip: set[nn.Module] = set()
+        for name, module in model.named_modules(remove_duplicate=False):
+            name = name or type(module).__name__
+            if module in skip:
+                continue
+            refuse(module, name)
+            handler = find_handler(module)
+            whole = getattr(handler, "whole_module", False)
+            if whole:  # e.g. nn.MultiheadAttention reads its children's weights itself
+                skip.update(m for m in module.modules() if m is not module)
+            params = list(
+                module.parameters() if whole else module.parameters(recurse=False)
+            )
+            if not params:
+                continue
+            for p in params:
+                owners.setdefault(p, []).append(name)
+            plan.setdefault(module, (name, handler))
+        for module, (name, handler) in plan.items():
+            handler.check(module, name)
+            if getattr(handler, "generic", False) and any(p.requires_grad for p in
+                                                          module.parameters(recurse=False)):
+                warnings.warn(
+                    f"dpkernels: {name} ({type(module).__name__}) has no fused per-sample "
+                    "rule; its parameters use the generic torch.func fallback (exact, slow)",
+                    stacklevel=3,
+                )
+        for p, names in owners.items():
+            self.param_names[p] = names[0]
+        for name, p in model.named_parameters(remove_duplicate=True):
+            self.param_names[p] = name
+            self.params.append(p)
+        for module, (name, handler) in plan.items():
+            self._patch(module, name, handler)
+        for p in self.params:
+            if p.requires_grad:
+                self._hooks.append(p.register_hook(self._leak_hook(self.param_names[p])))
+        setattr(model, _ENGINE_ATTR, self)
+
+    def _patch(self, module: nn.Module, name: str, handler) -> None:
+        previous = module.__dict__.get("forward", None)
+        orig = module.forward
+        engine = self
+
+        def forward(*args, **kwargs):
+            if engine.bypass:
+                return orig(*args, **kwargs)
+            return handler.forward(engine, module, name, orig, *args, **kwargs)
+
+        module.forward = forward
+        self._patched[module] = (name, previous)
+
+    def detach(self) -> None:
+        for module, (_, previous) in self._patched.items():
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._patched.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.clear_pending()
+        self.acc.clear()
+        if getattr(self.model, _ENGINE_ATTR, None) is self:
+            delattr(self.model, _ENGINE_ATTR)
+
+    @staticmethod
+    def _leak_hook(name: str) -> Callable:
+        def hook(grad):
+            if grad is None:  # our Functions return no gradient for captured parameters
+                return None
+            raise RuntimeError(
+                f"dpkernels: parameter {name!r} received a gradient outside the per-sample "
+                "capture (it is used by an operation outside its own module's forward, e.g. "
+                "read directly by a parent module); that gradient would not be clipped. Move "
+                "the use into a module, or freeze the parameter."
+            )
+
+        return hook
+
+    # ------------------------------------------------------------------ ops
+    def op(self, name: str, *args, **kwargs):
+        return dispatch.call(name, self.backend, *args, **kwargs)
+
+    def check_device(self, device: torch.device) -> None:
+        if device.type not in self._checked_devices:
+            dispatch.check_backend(self.backend, device.type)
+            self._checked_devices.add(device.type)
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        old, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = old
+
+    # ------------------------------------------------------------------ capture
+    def on_forward(self, name: str) -> None:
+        """Called by every captured forward: refuse to mix two micro-batches' backprops."""
+        if self.uses and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"dpkernels: a forward pass through {name} started while the previous "
+                "backward's per-sample gradients were not folded in; call dp_opt.accumulate() "
+                "(or dp_opt.step()) after each backward, or dp_opt.zero_grad() to drop them"
+            )
+
+    def record(self, name: str, batch_size: int, uses: list[tuple[nn.Parameter, Use]]) -> None:
+        """Called from a layer's backward: add the norms of ``uses`` and keep them."""
+        if not uses:
+            return
+        if self.batch_size is None:
+            self.batch_size, self.first_module = batch_size, name
+        elif batch_size != self.batch_size:
+            raise ValueError(
+                f"dpkernels: {name} saw a batch of {batch_size} samples but "
+                f"{self.first_module} saw {self.batch_size} in the same backward; every "
+                "captured layer needs the batch as its first dimension (batch_first=True)"
+            )
+        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        for p, use in uses:
+            use.scale = scale
+            contrib = use.raw_norm(self.op) * (scale * scale)
+            earlier = self.uses.setdefault(p, [])
+            for u in earlier:
+                contrib = contrib + 2.0 * cross(u, use, self.op)
+            if self.norm_sq is None:
+                self.norm_sq = torch.zeros(batch_size, dtype=contrib.dtype, device=contrib.device)
+            elif contrib.dtype != self.norm_sq.dtype:
+                dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
+                self.norm_sq = self.norm_sq.to(dt)
+            self.norm_sq += contrib.to(self.norm_sq.dtype)
+            earlier.append(use)
+
+    def clear_pending(self) -> None:
+        self.uses = {}
+        self.norm_sq = None
+        self.batch_size = None
+        self.first_module = None
+
+    # ------------------------------------------------------------------ fold
+    def clip_factors(self) -> torch.Tensor | None:
+        if self.norm_sq is None:
+            return None
+        norms = self.norm_sq.clamp_min(0).sqrt()
+        self.last_norms = norms.detach()
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,
+             seeds: Callable[[int], int] | None = None) -> None:
+        """Fold the pending micro-batch into the accumulators; with ``finalize`` also add
+        ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``."""
+        c = self.clip_factors()
+        for i, p in enumerate(self.params):
+            uses = self.uses.get(p, [])
+            if not p.requires_grad and not uses:
+                self.acc.pop(p, None)
+                continue
+            acc = self.acc.pop(p, None)
+            seed = seeds(i) if (finalize and seeds is not None) else 0
+            for j, u in enumerate(uses):
+                last = finalize and j == len(uses) - 1
+                acc = u.clipped_sum(self.op, c * u.scale, acc, noise_std if last else 0.0,
+                                    seed, scale if last else 1.0)
+            if finalize:
+                if not uses:
+                    if acc is None:
+                        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                        acc = torch.zeros(p.shape, dtype=dt, device=p.device)
+                    acc = self.op("add_noise", acc, noise_std, seed, scale)
+                p.grad = acc.reshape(p.shape).to(p.dtype)
+            elif acc is not None:
+                self.acc[p] = acc
+        self.clear_pending()
+
+
+def derive_seed(base: int, step: int, index: int) -> int:
+    """A 62-bit seed for (run, step, parameter): fresh every step, reproducible per run."""
+    ss = np.random.SeedSequence([base & (2**63 - 1), step, index])
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(2))

@@ -1,0 +1,40 @@
+"""One file per layer family: how to capture it and which ops compute its norms and sums.
+
+Each handler has ``check(module, name)`` (raise a clear error for configurations it cannot
+handle) and ``forward(engine, module, name, orig_forward, *args, **kwargs)`` (the module's
+forward while attached).  ``find_handler`` picks the handler for a module; modules with
+trainable parameters and no handler get the generic torch.func fallback.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dpkernels.layers import generic, linear
+
+_HANDLERS: list = [linear.HANDLER]
+for _name in ("conv", "embedding", "norms"):
+    try:
+        _mod = __import__(f"dpkernels.layers.{_name}", fromlist=["HANDLERS"])
+        _HANDLERS.extend(_mod.HANDLERS)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def find_handler(module: nn.Module):
+    for h in _HANDLERS:
+        if type(module) in h.types:
+            return h
+    if isinstance(module, nn.MultiheadAttention):
+        return generic.WHOLE_MODULE
+    return generic.HANDLER
+
+
+def refuse(module: nn.Module, name: str) -> None:
+    """Errors for modules that can never be made private as they are."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(
+            f"dpkernels: {name} is a {type(module).__name__}, which mixes samples in a batch "
+            "and so breaks per-sample privacy; replace it with nn.GroupNorm (for example "
+            f"nn.GroupNorm(min(32, C), C)) or nn.LayerNorm"
+        )

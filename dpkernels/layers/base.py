@@ -1,0 +1,105 @@
+"""What one use of one parameter in one backward pass leaves behind, and how the engine
+turns it into norms, cross terms and clipped sums.
+
+A ``Use`` holds the tensors its per-sample gradient is made of (for a Linear: the inputs
+``a`` and backprops ``g``) and the loss scale ``scale`` (the realised batch size for
+``loss_reduction="mean"``, 1 for ``"sum"``).  The per-sample gradient of the use is
+``scale * G_b`` where ``G_b`` is computed from the raw tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Op = Callable[..., torch.Tensor]
+
+
+class Use:
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def raw_norm(self, op: Op) -> torch.Tensor:
+        """[B] ``||G_b||^2``."""
+        return op("dense_norm", self.raw_dense(op))
+
+    def raw_dense(self, op: Op) -> torch.Tensor:
+        """[B, *param.shape] ``G_b`` materialised (used only where no ghost form exists)."""
+        raise NotImplementedError
+
+    def raw_cross(self, other: Use, op: Op) -> torch.Tensor | None:
+        """[B] ``<G_b, G'_b>`` with a use of the same parameter, or None if no fast form."""
+        return None
+
+    def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
+        """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes ``self.scale``)."""
+        return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
+
+
+def cross(u: Use, v: Use, op: Op) -> torch.Tensor:
+    """[B] ``<u_b, v_b>`` for two uses of one parameter, scales included."""
+    r = u.raw_cross(v, op)
+    if r is None:
+        r = v.raw_cross(u, op)
+    if r is None:
+        r = op("dense_cross", u.raw_dense(op), v.raw_dense(op))
+    return r * (u.scale * v.scale)
+
+
+class DenseUse(Use):
+    """A use whose per-sample gradient is materialised: ``psg`` [B, *param.shape]."""
+
+    def __init__(self, psg: torch.Tensor) -> None:
+        super().__init__()
+        self.psg = psg
+
+    def raw_dense(self, op: Op) -> torch.Tensor:
+        return self.psg
+
+
+class LinearUse(Use):
+    """``G_b = sum_t g_t a_t^T`` with ``a`` [B, T, d], ``g`` [B, T, p]."""
+
+    def __init__(self, a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> None:
+        super().__init__()
+        self.a, self.g, self.method = a, g, method
+
+    def raw_norm(self, op: Op) -> torch.Tensor:
+        return op("linear_norm", self.a, self.g, self.method)
+
+    def raw_dense(self, op: Op) -> torch.Tensor:
+        dt = torch.promote_types(self.a.dtype, torch.float32)
+        return torch.einsum("btp,btd->bpd", self.g.to(dt), self.a.to(dt))
+
+    def raw_cross(self, other: Use, op: Op) -> torch.Tensor | None:
+        if isinstance(other, LinearUse):
+            return op("linear_cross", self.a, self.g, other.a, other.g)
+        return None
+
+    def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
+        return op("linear_clipped_sum", self.a, self.g, c, acc, noise_std, seed, scale)
+
+
+class BiasUse(Use):
+    """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases)."""
+
+    def __init__(self, g: torch.Tensor) -> None:
+        super().__init__()
+        self.g = g
+
+    def raw_norm(self, op: Op) -> torch.Tensor:
+        return op("linear_bias_norm", self.g)
+
+    def raw_dense(self, op: Op) -> torch.Tensor:
+        return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).sum(1)
+
+    def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
+        return op("linear_bias_clipped_sum", self.g, c, acc, noise_std, seed, scale)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype in force for ``device_type``, or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

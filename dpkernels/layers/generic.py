@@ -1,0 +1,126 @@
+"""The fallback for any module with trainable parameters and no fused rule.
+
+Forward runs the module with its own parameters detached (so autograd never hands them an
+un-clipped gradient) and hooks the output.  When the output's gradient arrives, the module is
+re-run per sample under ``torch.func.vmap`` of a ``vjp`` with respect to its own parameters:
+exact per-sample gradients, materialised, so correct but slow.  The module must return one
+tensor with the batch first, and its forward must be deterministic (no dropout inside it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dpkernels.layers.base import DenseUse
+
+
+class GenericHandler:
+    types: tuple = ()
+    generic = True
+
+    def __init__(self, whole_module: bool = False) -> None:
+        # whole_module: the module's children's parameters are its own too (nn.MultiheadAttention
+        # reads out_proj.weight directly instead of calling out_proj).
+        self.whole_module = whole_module
+
+    def check(self, module: nn.Module, name: str) -> None:
+        pass
+
+    def own_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        it = module.named_parameters() if self.whole_module else module.named_parameters(
+            recurse=False)
+        return {n: p for n, p in it if p.requires_grad}
+
+    def forward(self, engine, module: nn.Module, name: str, orig, *args, **kwargs):
+        own = self.own_params(module)
+        if not own or not torch.is_grad_enabled():
+            return orig(*args, **kwargs)
+        engine.on_forward(name)
+        detached = {n: p.detach() for n, p in own.items()}
+        with engine.bypassed() if self.whole_module else _nullctx():
+            out = _call_with(module, orig, detached, args, kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"dpkernels: {name} ({type(module).__name__}) uses the generic per-sample "
+                f"fallback, which needs the module to return one tensor (got "
+                f"{type(out).__name__}); wrap it so that it returns a tensor, or freeze its "
+                "parameters"
+            )
+        if not out.requires_grad:
+            return out
+        flat, spec = tree_flatten((args, kwargs))
+        flat = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if not tensors or tensors[0].dim() == 0:
+            raise ValueError(f"dpkernels: {name} got no batched tensor input")
+        B = tensors[0].shape[0]
+        if out.dim() == 0 or out.shape[0] != B:
+            raise ValueError(
+                f"dpkernels: {name} returned shape {tuple(out.shape)} for a batch of {B}; "
+                "the generic fallback needs the batch as the first dimension of the output"
+            )
+
+        def hook(g):
+            psg = self._per_sample_grads(engine, module, orig, own, flat, spec, B, g)
+            engine.record(name, B, [(own[n], DenseUse(psg[n])) for n in own])
+
+        out.register_hook(hook)
+        return out
+
+    def _per_sample_grads(self, engine, module, orig, own, flat, spec, B, g):
+        if B == 0:
+            return {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    for n, p in own.items()}
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B for t in flat]
+        bvals = [t for t, b in zip(flat, batched) if b]
+        params = {n: p.detach() for n, p in own.items()}
+
+        def run(P, vals):
+            it = iter(vals)
+            full = [next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)]
+            a, k = tree_unflatten(full, spec)
+            with engine.bypassed():
+                return _call_with(module, orig, P, a, k)
+
+        def one(vals, gb):
+            _, vjp_fn = torch.func.vjp(lambda P: run(P, vals), params)
+            return vjp_fn(gb.unsqueeze(0).to(gb.dtype))[0]
+
+        with torch.enable_grad():
+            return torch.func.vmap(one)(bvals, g)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _call_with(module, orig, params, args, kwargs):
+    """Run ``orig`` (the module's own forward) with ``params`` in place of its parameters."""
+    saved = {}
+    try:
+        for n, t in params.items():
+            owner, leaf = _owner(module, n)
+            saved[n] = owner._parameters[leaf]
+            owner._parameters[leaf] = t
+        return orig(*args, **kwargs)
+    finally:
+        for n, t in saved.items():
+            owner, leaf = _owner(module, n)
+            owner._parameters[leaf] = t
+
+
+def _owner(module: nn.Module, name: str):
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return module, leaf
+
+
+HANDLER = GenericHandler()
+WHOLE_MODULE = GenericHandler(whole_module=True)

@@ -1,0 +1,83 @@
+"""nn.Linear: per-sample norms from (input, backprop), no weight-gradient GEMM in backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpkernels.layers.base import BiasUse, LinearUse, autocast_dtype
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, record):
+        ctx.save_for_backward(x, weight)
+        ctx.record = record
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = g.matmul(weight.to(g.dtype)) if ctx.needs_input_grad[0] else None
+        ctx.record(x, g)
+        return gx, None, None, None
+
+
+def cast_for_autocast(x, *params):
+    """Cast to the autocast dtype by hand (the Function then runs with autocast off), so the
+    saved activations and backprops are kept in the compute dtype."""
+    dt = autocast_dtype(x.device.type)
+    if dt is None or not x.is_floating_point():
+        return dt, (x, *params)
+    return dt, tuple(t.to(dt) if t is not None else None for t in (x, *params))
+
+
+def check_input_dtype(name: str, kind: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if autocast_dtype(x.device.type) is None and x.dtype != weight.dtype:
+        raise TypeError(
+            f"dpkernels: {name} ({kind}) got input of dtype {x.dtype} but its weight is "
+            f"{weight.dtype}; cast the input or the model (model.to(dtype)), or run under "
+            "torch.autocast"
+        )
+
+
+class LinearHandler:
+    types = (nn.Linear,)
+
+    def check(self, module: nn.Linear, name: str) -> None:
+        pass
+
+    def forward(self, engine, module: nn.Linear, name: str, orig, x, *rest, **kw):
+        w, b = module.weight, module.bias
+        needs = w.requires_grad or (b is not None and b.requires_grad)
+        if rest or kw or not torch.is_grad_enabled() or not needs:
+            return orig(x, *rest, **kw)
+        if x.dim() < 2:
+            raise ValueError(
+                f"dpkernels: {name} (Linear) got input of shape {tuple(x.shape)}; DP training "
+                "needs a batch dimension first ([B, ..., in_features])"
+            )
+        check_input_dtype(name, "Linear", x, w)
+        engine.check_device(x.device)
+        engine.on_forward(name)
+
+        def record(x_saved, g):
+            B, d, p = x_saved.shape[0], x_saved.shape[-1], g.shape[-1]
+            a2 = x_saved.reshape(B, -1, d)
+            g2 = g.reshape(B, -1, p)
+            uses = []
+            if w.requires_grad:
+                uses.append((w, LinearUse(a2, g2, engine.norm_method)))
+            if b is not None and b.requires_grad:
+                uses.append((b, BiasUse(g2)))
+            engine.record(name, B, uses)
+
+        dt, (xc, wc, bc) = cast_for_autocast(x, w, b)
+        if dt is None:
+            return _LinearFn.apply(x, w, b, record)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearFn.apply(xc, wc, bc, record)
+
+
+HANDLER = LinearHandler()

@@ -1,0 +1,184 @@
+"""DPOptimizer: clip, noise once, scale, step, around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from dpkernels.engine import Engine, derive_seed
+
+
+class DPOptimizer:
+    """Wraps ``optimizer``; the model's per-sample gradients come from the attached engine.
+
+    ``step()`` folds the last micro-batch (clip factors from the per-sample norms, the clipped
+    sum of every parameter), adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` once per
+    parameter, divides by ``expected_batch_size`` for ``loss_reduction="mean"``, writes
+    ``param.grad`` and steps the wrapped optimizer.  ``accumulate()`` folds a micro-batch
+    without stepping, so one logical batch can be fed as many small ones.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        engine: Engine,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int | None,
+        loss_reduction: str = "mean",
+        seed: int | None = None,
+    ) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if loss_reduction == "mean" and (expected_batch_size is None or expected_batch_size <= 0):
+            raise ValueError(
+                "expected_batch_size must be a positive number for loss_reduction='mean' "
+                "(sample_rate * dataset size under Poisson sampling)"
+            )
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self.seed = int(seed)
+        self.steps = 0
+        # (noise_multiplier, sample_rate or None, number of steps): for the accountant
+        self.history: list[list] = []
+        self._managed = {id(p) for p in engine.params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self._managed:
+                    raise ValueError(
+                        "dpkernels: the optimizer holds a parameter that is not part of the "
+                        "model given to make_private; its gradient would not be clipped"
+                    )
+
+    # --- the torch.optim surface -------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @property
+    def per_sample_norms(self) -> torch.Tensor | None:
+        """[B] norms of the last micro-batch's per-sample gradients, before clipping
+        (float32; float64 for a float64 model)."""
+        return self.engine.last_norms
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``param.grad`` and any backward not yet folded in (not the accumulator)."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.engine.clear_pending()
+
+    def accumulate(self) -> None:
+        """Fold the last backward's clipped per-sample gradients into the accumulator."""
+        self.engine.fold(finalize=False)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        std = self.noise_multiplier * self.max_grad_norm
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        step = self.steps
+
+        def seeds(i: int) -> int:
+            return derive_seed(self.seed, step, i)
+
+        self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds)
+        self.steps += 1
+        self._log_step()
+        self.original_optimizer.step()
+        return loss
+
+    def _log_step(self, sample_rate: float | None = None) -> None:
+        key = [self.noise_multiplier, sample_rate]
+        if self.history and self.history[-1][:2] == key:
+            self.history[-1][2] += 1
+        else:
+            self.history.append([*key, 1])
+
+    # --- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.original_optimizer.state_dict(),
+            "dp": {
+                "steps": self.steps,
+                "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.max_grad_norm,
+                "expected_batch_size": self.expected_batch_size,
+                "loss_reduction": self.loss_reduction,
+                "seed": self.seed,
+                "history": [list(h) for h in self.history],
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.original_optimizer.load_state_dict(state["optimizer"])
+        dp = state["dp"]
+        self.steps = int(dp["steps"])
+        self.noise_multiplier = float(dp["noise_multiplier"])
+        self.max_grad_norm = float(dp["max_grad_norm"])
+        self.engine.max_grad_norm = self.max_grad_norm
+        self.expected_batch_size = dp["expected_batch_size"]
+        self.seed = int(dp["seed"])
+        self.history = [list(h) for h in dp["history"]]
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm="
+                f"{self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+                f"loss_reduction={self.loss_reduction!r}, backend={self.engine.backend!r}, "
+                f"wrapping {self.original_optimizer!r})")
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float = 1.0,
+    max_grad_norm: float = 1.0,
+    expected_batch_size: int | None = None,
+    loss_reduction: str = "mean",
+    backend: str = "auto",
+    seed: int | None = None,
+    norm_method: str = "auto",
+) -> DPOptimizer:
+    """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
+
+    ``norm_method`` ("auto", "ghost", "direct") overrides the per-layer choice of how Linear
+    and Conv norms are computed (for benchmarks; "auto" picks the cheaper one per layer).
+    """
+    engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                    backend=backend, norm_method=norm_method)
+    engine.attach()
+    try:
+        return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
+                           max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                           loss_reduction=loss_reduction, seed=seed)
+    except Exception:
+        engine.detach()
+        raise
+
+
+def detach(model: nn.Module) -> None:
+    """Restore ``model``'s original forwards and drop the engine's hooks and state."""
+    engine = getattr(model, "_dpkernels_engine", None)
+    if engine is None:
+        warnings.warn("dpkernels.detach: this model is not attached", stacklevel=2)
+        return
+    engine.detach()

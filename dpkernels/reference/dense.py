@@ -1,0 +1,36 @@
+"""Materialised per-sample gradients ``[B, *shape]``: norm-layer affine terms, the generic
+fallback, and cross terms between uses that have no ghost form.  Also the noise-only op."""
+
+from __future__ import annotations
+
+import torch
+
+from dpkernels.dispatch import register
+from dpkernels.reference._common import acc_dtype, finish
+
+
+@register("dense_norm", "reference")
+def dense_norm(psg: torch.Tensor) -> torch.Tensor:
+    """[B] squared norms of per-sample gradients ``psg`` [B, ...]."""
+    return psg.to(acc_dtype(psg)).flatten(1).pow(2).sum(1)
+
+
+@register("dense_cross", "reference")
+def dense_cross(psg1: torch.Tensor, psg2: torch.Tensor) -> torch.Tensor:
+    """[B] ``<psg1_b, psg2_b>``."""
+    dt = acc_dtype(psg1, psg2)
+    return (psg1.to(dt).flatten(1) * psg2.to(dt).flatten(1)).sum(1)
+
+
+@register("dense_clipped_sum", "reference")
+def dense_clipped_sum(psg, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """``(acc + sum_b c_b psg_b + noise_std z) * scale``."""
+    dt = acc_dtype(psg, acc)
+    update = torch.tensordot(c.to(dt), psg.to(dt), dims=1)
+    return finish(acc, update, noise_std, seed, scale)
+
+
+@register("add_noise", "reference")
+def add_noise(acc: torch.Tensor, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """``(acc + noise_std z) * scale`` for a parameter whose clipped sum is already folded."""
+    return finish(None, acc, noise_std, seed, scale)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import check_engine
+from torch import nn
+
+torch.set_default_dtype(torch.float32)
+
+
+def ce(reduction):
+    def f(out, y):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+    return f
+
+
+def mse(reduction):
+    def f(out, y):
+        return F.mse_loss(out, y, reduction=reduction)
+    return f
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ["auto", "ghost", "direct"])
+def test_mlp(reduction, bias, method):
+    m = nn.Sequential(nn.Linear(6, 9, bias=bias), nn.Tanh(), nn.Linear(9, 4, bias=bias)).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    check_engine(m, ce(reduction), x, y, reduction=reduction, norm_method=method)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 6), (5, 3, 6), (4, 2, 3, 6)], ids=["T1", "T3", "4d"])
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_sequence_inputs(shape, method):
+    m = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], 3, dtype=torch.float64)
+    check_engine(m, mse("mean"), x, y, norm_method=method)
+
+
+def test_reused_block():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 6)
+            self.block = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.block(torch.tanh(self.inp(x))))
+            h = torch.tanh(self.block(h))  # same parameters twice: cross terms
+            return self.out(h)
+
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    y = torch.randn(6, 3, 2, dtype=torch.float64)
+    check_engine(Twice().double(), mse("sum"), x, y, reduction="sum")
+
+
+def test_frozen_parameters_untouched():
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    m[0].weight.requires_grad_(False)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    check_engine(m, ce("mean"), x, y)
