@@ -1,7 +1,7 @@
 """The fallback for any module with trainable parameters and no fused rule.
 
-Forward runs the module with its own parameters detached (so autograd never hands them an
-un-clipped gradient) and hooks the output.  When the output's gradient arrives, the module is
+Forward runs the module with its own parameters behind a gradient block (so autograd never
+hands them an un-clipped gradient) and hooks the output.  When the output's gradient arrives, the module is
 re-run per sample under ``torch.func.vmap`` of a ``vjp`` with respect to its own parameters:
 exact per-sample gradients, materialised, so correct but slow.  The module must return one
 tensor with the batch first, and its forward must be deterministic (no dropout inside it).
@@ -38,17 +38,25 @@ class GenericHandler:
         if not own or not torch.is_grad_enabled():
             return orig(*args, **kwargs)
         engine.on_forward(name)
-        detached = {n: p.detach() for n, p in own.items()}
+        blocked = {n: _BlockGrad.apply(p) for n, p in own.items()}
         with engine.bypassed() if self.whole_module else _nullctx():
-            out = _call_with(module, orig, detached, args, kwargs)
-        if not isinstance(out, torch.Tensor):
+            out = _call_with(module, orig, blocked, args, kwargs)
+        # One tensor out, or a tuple with exactly one differentiable tensor (e.g.
+        # nn.MultiheadAttention's (output, None)).
+        index = None
+        if isinstance(out, (tuple, list)):
+            live = [i for i, t in enumerate(out)
+                    if isinstance(t, torch.Tensor) and t.requires_grad]
+            index = live[0] if len(live) == 1 else -1
+        if index == -1 or (index is None and not isinstance(out, torch.Tensor)):
             raise TypeError(
                 f"dpkernels: {name} ({type(module).__name__}) uses the generic per-sample "
-                f"fallback, which needs the module to return one tensor (got "
-                f"{type(out).__name__}); wrap it so that it returns a tensor, or freeze its "
-                "parameters"
+                "fallback, which needs the module to return one tensor (or a tuple with one "
+                f"differentiable tensor), got {type(out).__name__}; wrap it so that it returns "
+                "a tensor, or freeze its parameters"
             )
-        if not out.requires_grad:
+        result = out if index is None else out[index]
+        if not result.requires_grad:
             return out
         flat, spec = tree_flatten((args, kwargs))
         flat = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
@@ -56,20 +64,20 @@ class GenericHandler:
         if not tensors or tensors[0].dim() == 0:
             raise ValueError(f"dpkernels: {name} got no batched tensor input")
         B = tensors[0].shape[0]
-        if out.dim() == 0 or out.shape[0] != B:
+        if result.dim() == 0 or result.shape[0] != B:
             raise ValueError(
-                f"dpkernels: {name} returned shape {tuple(out.shape)} for a batch of {B}; "
+                f"dpkernels: {name} returned shape {tuple(result.shape)} for a batch of {B}; "
                 "the generic fallback needs the batch as the first dimension of the output"
             )
 
         def hook(g):
-            psg = self._per_sample_grads(engine, module, orig, own, flat, spec, B, g)
+            psg = self._per_sample_grads(engine, module, orig, own, flat, spec, B, g, index)
             engine.record(name, B, [(own[n], DenseUse(psg[n])) for n in own])
 
-        out.register_hook(hook)
+        result.register_hook(hook)
         return out
 
-    def _per_sample_grads(self, engine, module, orig, own, flat, spec, B, g):
+    def _per_sample_grads(self, engine, module, orig, own, flat, spec, B, g, index):
         if B == 0:
             return {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     for n, p in own.items()}
@@ -82,7 +90,8 @@ class GenericHandler:
             full = [next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)]
             a, k = tree_unflatten(full, spec)
             with engine.bypassed():
-                return _call_with(module, orig, P, a, k)
+                out = _call_with(module, orig, P, a, k)
+            return out if index is None else out[index]
 
         def one(vals, gb):
             _, vjp_fn = torch.func.vjp(lambda P: run(P, vals), params)
@@ -90,6 +99,19 @@ class GenericHandler:
 
         with torch.enable_grad():
             return torch.func.vmap(one)(bvals, g)
+
+
+class _BlockGrad(torch.autograd.Function):
+    """Identity that passes no gradient back: the output still requires grad (so the module
+    output gets a hook even when its input does not), the parameter never gets one."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
 
 
 class _nullctx:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,8 +66,9 @@ class LinearHandler:
 
         def record(x_saved, g):
             B, d, p = x_saved.shape[0], x_saved.shape[-1], g.shape[-1]
-            a2 = x_saved.reshape(B, -1, d)
-            g2 = g.reshape(B, -1, p)
+            T = math.prod(x_saved.shape[1:-1])  # explicit: B = 0 makes -1 ambiguous
+            a2 = x_saved.reshape(B, T, d)
+            g2 = g.reshape(B, T, p)
             uses = []
             if w.requires_grad:
                 uses.append((w, LinearUse(a2, g2, engine.norm_method)))
