@@ -9,6 +9,7 @@ reference one op at a time; :func:`table` says which implementation each op gets
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -62,6 +63,7 @@ def triton_available(device_type: str) -> tuple[bool, str]:
     return False, f"Triton kernels do not support device type {device_type!r}"
 
 
+@functools.cache
 def cuda_available() -> tuple[bool, str]:
     try:
         from dpkernels import _C  # noqa: F401
@@ -114,8 +116,20 @@ def pick(backend: str, device_type: str) -> str:
     return "reference"
 
 
+_RESOLVED: dict[tuple[str, str, str], tuple[Callable, str]] = {}
+
+
 def resolve(name: str, backend: str, device_type: str) -> tuple[Callable, str]:
-    """(implementation, backend it comes from) for op ``name``."""
+    """(implementation, backend it comes from) for op ``name`` (cached: this is on the hot
+    path of every backward)."""
+    key = (name, backend, device_type)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve(name, backend, device_type)
+    return hit
+
+
+def _resolve(name: str, backend: str, device_type: str) -> tuple[Callable, str]:
     chosen = pick(backend, device_type)
     if chosen != "reference":
         _load(chosen)
