@@ -1,7 +1,21 @@
 """dpkernels: fused per-sample-gradient kernels and a one-backward DP-SGD engine."""
 
+from dpkernels.accounting import epsilon, epsilon_from_history, noise_multiplier_for
+from dpkernels.data import PoissonBatchSampler, micro_batches, poisson_loader, use_loader
 from dpkernels.optim import DPOptimizer, detach, make_private
 
 __version__ = "0.1.0"
 
-__all__ = ["DPOptimizer", "make_private", "detach", "__version__"]
+__all__ = [
+    "DPOptimizer",
+    "make_private",
+    "detach",
+    "epsilon",
+    "epsilon_from_history",
+    "noise_multiplier_for",
+    "PoissonBatchSampler",
+    "poisson_loader",
+    "micro_batches",
+    "use_loader",
+    "__version__",
+]

@@ -51,6 +51,12 @@ class DPOptimizer:
         self.steps = 0
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
+        # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
+        # whether they really are Poisson samples (None: not known).  Steps taken without
+        # poisson=True are counted, so the epsilon report can say the assumption fails.
+        self.sample_rate: float | None = None
+        self.poisson: bool | None = None
+        self.non_poisson_steps = 0
         self._managed = {id(p) for p in engine.params}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -102,7 +108,7 @@ class DPOptimizer:
 
         self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds)
         self.steps += 1
-        self._log_step()
+        self._log_step(self.sample_rate)
         self.original_optimizer.step()
         return loss
 
@@ -112,6 +118,57 @@ class DPOptimizer:
             self.history[-1][2] += 1
         else:
             self.history.append([*key, 1])
+        if not self.poisson:
+            self.non_poisson_steps += 1
+
+    # --- accounting --------------------------------------------------------------------
+    def epsilon(self, delta: float, sample_rate: float | None = None,
+                accountant: str = "pld") -> float:
+        """Epsilon at ``delta`` for every step taken so far, segment by segment when the
+        noise multiplier changed.  ``sample_rate`` fills in steps whose rate the Poisson
+        loader did not record.  Warns when some steps were not Poisson-sampled."""
+        eps, note = self._account(delta, sample_rate, accountant)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        return eps
+
+    def privacy_report(self, delta: float, sample_rate: float | None = None,
+                       accountant: str = "pld") -> str:
+        """A few lines: steps, noise, sample rate, epsilon, and any sampling caveat."""
+        eps, note = self._account(delta, sample_rate, accountant)
+        sigmas = sorted({h[0] for h in self.history}) or [self.noise_multiplier]
+        rates = sorted({h[1] if h[1] is not None else sample_rate for h in self.history})
+        lines = [f"DP-SGD: {self.steps} steps, noise multiplier "
+                 f"{', '.join(f'{s:.4g}' for s in sigmas)}, sample rate "
+                 f"{', '.join(f'{q:.4g}' for q in rates) or '-'}, max_grad_norm "
+                 f"{self.max_grad_norm:.4g}",
+                 f"epsilon = {eps:.4g} at delta = {delta:g} ({accountant} accountant)"]
+        if note:
+            lines.append("WARNING: " + note)
+        return "\n".join(lines)
+
+    def _account(self, delta, sample_rate, accountant) -> tuple[float, str | None]:
+        from dpkernels.accounting import epsilon_from_history
+
+        segments = []
+        for sigma, q, count in self.history:
+            if q is None:
+                q = sample_rate
+            elif sample_rate is not None and abs(q - sample_rate) > 1e-12 * q:
+                raise ValueError(f"sample_rate={sample_rate} contradicts the rate {q} that "
+                                 "the Poisson loader recorded for these steps")
+            if q is None:
+                raise ValueError("the sample rate of these steps is unknown: pass "
+                                 "sample_rate=expected batch size / dataset size, or feed "
+                                 "batches through dpkernels.poisson_loader")
+            segments.append((sigma, q, count))
+        note = None
+        if self.non_poisson_steps:
+            note = (f"{self.non_poisson_steps} of {self.steps} steps did not come from "
+                    "Poisson sampling (dpkernels.poisson_loader / PoissonBatchSampler), e.g. "
+                    "from a shuffled DataLoader with a fixed batch size: the Poisson "
+                    "assumption behind this epsilon does not hold for them")
+        return epsilon_from_history(segments, delta, accountant), note
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -125,6 +182,9 @@ class DPOptimizer:
                 "loss_reduction": self.loss_reduction,
                 "seed": self.seed,
                 "history": [list(h) for h in self.history],
+                "sample_rate": self.sample_rate,
+                "poisson": self.poisson,
+                "non_poisson_steps": self.non_poisson_steps,
             },
         }
 
@@ -138,6 +198,9 @@ class DPOptimizer:
         self.expected_batch_size = dp["expected_batch_size"]
         self.seed = int(dp["seed"])
         self.history = [list(h) for h in dp["history"]]
+        self.sample_rate = dp.get("sample_rate")
+        self.poisson = dp.get("poisson")
+        self.non_poisson_steps = int(dp.get("non_poisson_steps", 0))
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm="

@@ -3,8 +3,9 @@
 Forward runs the module with its own parameters behind a gradient block (so autograd never
 hands them an un-clipped gradient) and hooks the output.  When the output's gradient
 arrives, the module is re-run per sample under ``torch.func.vmap`` of a ``vjp`` with
-respect to its own parameters: exact per-sample gradients, materialised, so correct but slow.  The module must return one
-tensor with the batch first, and its forward must be deterministic (no dropout inside it).
+respect to its own parameters: exact per-sample gradients, materialised, so correct but
+slow.  The module must return one tensor (or a tuple with one differentiable tensor) with the
+batch first, and its forward must be deterministic (no dropout inside it).
 """
 
 from __future__ import annotations
