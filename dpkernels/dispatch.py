@@ -27,6 +27,7 @@ def register(name: str, backend: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         _IMPLS[(name, backend)] = fn
+        _RESOLVED.clear()
         return fn
 
     return deco

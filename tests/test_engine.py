@@ -414,3 +414,10 @@ def test_autocast_bf16_cpu():
     for name, p in model.named_parameters():
         assert p.grad.dtype == torch.float32
         assert rel_err(p.grad.double(), grads[name]) < 5e-2
+
+
+def test_instancenorm_running_stats_refused_even_without_parameters():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, track_running_stats=True))
+    with pytest.raises(ValueError, match=r"1 \(InstanceNorm1d\).*track_running_stats=False"):
+        dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               expected_batch_size=4)

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from dpkernels.layers import generic, linear
+from dpkernels.layers import conv, embedding, generic, linear, norms
 
-_HANDLERS: list = [linear.HANDLER]
-for _name in ("conv", "embedding", "norms"):
-    try:
-        _mod = __import__(f"dpkernels.layers.{_name}", fromlist=["HANDLERS"])
-        _HANDLERS.extend(_mod.HANDLERS)
-    except ImportError:  # pragma: no cover
-        pass
+_HANDLERS: list = [linear.HANDLER, *conv.HANDLERS, *embedding.HANDLERS, *norms.HANDLERS]
 
 
 def find_handler(module: nn.Module):
@@ -37,4 +31,12 @@ def refuse(module: nn.Module, name: str) -> None:
             f"dpkernels: {name} is a {type(module).__name__}, which mixes samples in a batch "
             "and so breaks per-sample privacy; replace it with nn.GroupNorm (for example "
             f"nn.GroupNorm(min(32, C), C)) or nn.LayerNorm"
+        )
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        # Refused even without affine parameters: the running statistics are averages over
+        # training samples, kept without clipping or noise.
+        raise ValueError(
+            f"dpkernels: {name} ({type(module).__name__}) has track_running_stats=True; its "
+            "running statistics are averaged over training samples without clipping or noise, "
+            "so they are not private; construct it with track_running_stats=False"
         )

@@ -1,0 +1,191 @@
+"""LayerNorm, RMSNorm, GroupNorm, InstanceNorm1d/2d/3d: materialised per-sample gradients of
+the affine parameters (they are as small as the parameters), dense ops for the rest.
+
+The backward recomputes the norm on the saved input and differentiates it with autograd for
+the input gradient (exactly torch's own rule), and records ``DenseUse``s built by the
+``*_psg`` ops from (input, backprop).  Under autocast the norm runs in float32 like torch's
+``layer_norm`` and ``group_norm`` do; the input is kept in its own dtype for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpkernels.layers.base import DenseUse, autocast_dtype
+from dpkernels.layers.linear import check_input_dtype
+
+
+def _cast(dt, *ts):
+    if dt is None:
+        return ts
+    return tuple(t.to(dt) if t is not None else None for t in ts)
+
+
+class _NormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, fn, dt, record):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.fn, ctx.dt, ctx.record = fn, dt, record
+        return fn(*_cast(dt, x, weight, bias))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            xc, wc, bc = _cast(ctx.dt, x.detach(), weight, bias)
+            with torch.enable_grad():
+                xr = xc.detach().requires_grad_()
+                out = ctx.fn(xr, *(t.detach() if t is not None else None for t in (wc, bc)))
+                (gx,) = torch.autograd.grad(out, xr, g)
+            gx = gx.to(x.dtype)
+        ctx.record(x, g)
+        return gx, None, None, None, None, None
+
+
+class _NormHandler:
+    kind = ""
+
+    def check(self, module: nn.Module, name: str) -> None:
+        pass
+
+    def check_batched(self, module, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def fn(self, module):
+        """``f(x, weight, bias)``: the module's forward with its parameters passed in."""
+        raise NotImplementedError
+
+    def psg(self, engine, module, x, g, need_weight: bool, need_bias: bool):
+        """(weight psg | None, bias psg | None), each [B, *param.shape]."""
+        raise NotImplementedError
+
+    def forward(self, engine, module, name: str, orig, x, *rest, **kw):
+        w = module.weight
+        b = getattr(module, "bias", None)
+        need_w = w is not None and w.requires_grad
+        need_b = b is not None and b.requires_grad
+        if rest or kw or not torch.is_grad_enabled() or not (need_w or need_b):
+            return orig(x, *rest, **kw)
+        self.check(module, name)
+        self.check_batched(module, name, x)
+        check_input_dtype(name, self.kind, x, w if w is not None else b)
+        engine.check_device(x.device)
+        engine.on_forward(name)
+
+        def record(x_saved, g):
+            gw, gb = self.psg(engine, module, x_saved, g, need_w, need_b)
+            uses = []
+            if need_w:
+                uses.append((w, DenseUse(gw)))
+            if need_b:
+                uses.append((b, DenseUse(gb)))
+            engine.record(name, x_saved.shape[0], uses)
+
+        dt = None
+        if autocast_dtype(x.device.type) is not None and x.is_floating_point():
+            dt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False) if dt is not None else _nullctx():
+            return _NormFn.apply(x, w, b, self.fn(module), dt, record)
+
+    def _batch_error(self, name: str, x: torch.Tensor, expected: str) -> ValueError:
+        return ValueError(
+            f"dpkernels: {name} ({self.kind}) got input of shape {tuple(x.shape)}; DP training "
+            f"needs a batch dimension first ({expected}); add one with x.unsqueeze(0)"
+        )
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LayerNormHandler(_NormHandler):
+    types = (nn.LayerNorm,)
+    kind = "LayerNorm"
+
+    def check_batched(self, module, name, x):
+        if x.dim() <= len(module.normalized_shape):
+            raise self._batch_error(name, x, "[B, ..., *normalized_shape]")
+
+    def fn(self, module):
+        shape, eps = module.normalized_shape, module.eps
+        return lambda x, w, b: F.layer_norm(x, shape, w, b, eps)
+
+    def psg(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("layer_norm_psg", x, g, module.normalized_shape, module.eps,
+                         need_weight, need_bias)
+
+
+class RMSNormHandler(_NormHandler):
+    types = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+    kind = "RMSNorm"
+
+    def check_batched(self, module, name, x):
+        if x.dim() <= len(module.normalized_shape):
+            raise self._batch_error(name, x, "[B, ..., *normalized_shape]")
+
+    def fn(self, module):
+        shape, eps = module.normalized_shape, module.eps
+        return lambda x, w, b: F.rms_norm(x, shape, w, eps)
+
+    def psg(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("rms_norm_psg", x, g, module.normalized_shape, module.eps), None
+
+
+class GroupNormHandler(_NormHandler):
+    types = (nn.GroupNorm,)
+    kind = "GroupNorm"
+
+    def check_batched(self, module, name, x):
+        if x.dim() < 2:
+            raise self._batch_error(name, x, "[B, C, *spatial]")
+
+    def fn(self, module):
+        groups, eps = module.num_groups, module.eps
+        return lambda x, w, b: F.group_norm(x, groups, w, b, eps)
+
+    def psg(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("group_norm_psg", x, g, module.num_groups, module.eps, need_weight,
+                         need_bias)
+
+
+class InstanceNormHandler(_NormHandler):
+    types = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    kind = "InstanceNorm"
+
+    def check(self, module, name):
+        if module.track_running_stats:
+            raise ValueError(
+                f"dpkernels: {name} ({type(module).__name__}) has track_running_stats=True; "
+                "its running statistics are averaged over training samples without clipping "
+                "or noise, so they are not private; construct it with "
+                "track_running_stats=False"
+            )
+
+    def check_batched(self, module, name, x):
+        if x.dim() == module._get_no_batch_dim():
+            raise self._batch_error(name, x, "[B, C, *spatial]")
+        module._check_input_dim(x)
+
+    def fn(self, module):
+        eps = module.eps
+
+        def f(x, w, b):
+            if x.shape[0] == 0:  # torch's instance_norm fails on an empty (Poisson) batch
+                return F.group_norm(x, x.shape[1], w, b, eps)
+            return F.instance_norm(x, None, None, w, b, True, 0.0, eps)
+
+        return f
+
+    def psg(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("group_norm_psg", x, g, x.shape[1], module.eps, need_weight,
+                         need_bias)
+
+
+HANDLERS = [LayerNormHandler(), RMSNormHandler(), GroupNormHandler(), InstanceNormHandler()]
