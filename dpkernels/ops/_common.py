@@ -1,0 +1,136 @@
+"""What every Triton op family shares: the autotune switch, dtype and precision policy, the
+Philox seed, and the clipped-sum epilogue ``(acc + update + noise_std * z) * scale``.
+
+Importing this module imports triton; ``dispatch._load("triton")`` sets
+``TRITON_INTERPRET=1`` first when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The CPU interpreter runs a kernel once per program with numpy: it cannot autotune, and its
+# tl.dot multiplies bfloat16 (stored as uint16) as integers, so operands are upcast first.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# DPKERNELS_AUTOTUNE=0 (or the interpreter) keeps only the first config of every list.
+AUTOTUNE = os.environ.get("DPKERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kw):
+    """``triton.autotune`` over ``configs``, or over ``configs[:1]`` when tuning is off."""
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key, **kw)
+
+
+def use_reference(*tensors: torch.Tensor | None) -> bool:
+    """float64 inputs are the oracle's business: the launchers hand them to the reference."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def check_float(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dpkernels.ops.{name}: unsupported dtype {t.dtype}")
+
+
+def same_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Operands of one tl.dot must share a dtype: promote when they differ (rare)."""
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in tensors)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for float32 operands, following torch's own matmul setting.
+
+    Default torch (allow_tf32=False) multiplies float32 exactly: "ieee".  When the user allows
+    TF32 we still do not round norms or clipped sums to 10-bit mantissas (that could shrink a
+    norm by ~1e-3 and weaken the clipping bound): "tf32x3" is float32-accurate on tensor cores.
+    16-bit operands (whose products are exact in float32) get "tf32", tl.dot's default, which
+    Triton ignores for them: the ordinary tensor-core path.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32x3"
+    return "ieee"
+
+
+def philox_seed(seed: int) -> int:
+    """The engine's seeds are 62-bit; tl.randn takes any integer up to 64 bits and keys Philox
+    with both 32-bit halves, so only the sign bit is dropped (keeps it a valid int64)."""
+    return int(seed) & (2**63 - 1)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs, enough to exercise the split paths
+
+
+_PAIRS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def upper_pairs(n: int, device: torch.device) -> torch.Tensor:
+    """[n(n+1)/2, 2] int32 tile pairs (i, j), i <= j: the blocks of a symmetric T x T sum."""
+    k = (n, str(device))
+    if k not in _PAIRS:
+        ij = torch.triu_indices(n, n)
+        _PAIRS[k] = ij.t().contiguous().to(torch.int32).to(device)
+    return _PAIRS[k]
+
+
+@triton.jit
+def mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x @ y`` with float32 accumulation."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def finish_store(x, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale,
+                 HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """Store ``(acc + x + noise_std * z) * scale`` at element offsets ``offs`` (int64) of a
+    contiguous float32 output.  ``z`` is Philox normal noise keyed by (seed, element offset):
+    the same for every tiling, split and config, fresh for every seed."""
+    if HAS_ACC:
+        x += tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    if HAS_NOISE:
+        x += noise_std * tl.randn(seed, offs)
+    x = x * scale
+    tl.store(out_ptr + offs, x, mask=mask)
+
+
+def prepare_out(acc: torch.Tensor | None, shape,
+                device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, acc to read) for a clipped sum: in place into ``acc`` when it is a contiguous
+    float32 tensor of the right size, otherwise a fresh float32 buffer."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if acc is not None:
+        if acc.numel() != numel:
+            raise ValueError(f"acc has {acc.numel()} elements, expected {numel} ({tuple(shape)})")
+        if acc.dtype == torch.float32 and acc.is_contiguous():
+            return acc, acc
+        return torch.empty(acc.shape, dtype=torch.float32, device=device), acc.float().contiguous()
+    return torch.empty(shape, dtype=torch.float32, device=device), None
+
+
+def hand_back(out: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+    """Return ``acc`` (updated in place) when one was given, like the reference does."""
+    if acc is None or out is acc:
+        return out
+    acc.copy_(out.reshape(acc.shape))
+    return acc

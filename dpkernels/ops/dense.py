@@ -1,0 +1,156 @@
+"""Weighted row sums with the clipped-sum epilogue: ``dense_clipped_sum`` (materialised
+per-sample gradients; the Linear bias clipped sum in linear.py uses the same kernel),
+``add_noise``, and the pass that folds split-K partial sums.
+
+``x`` is read as rows r = (b, t) of width N; row r is weighted by ``c[r // T]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkernels.dispatch import register
+from dpkernels.ops._common import (
+    autotune,
+    check_float,
+    finish_store,
+    hand_back,
+    num_sms,
+    philox_seed,
+    prepare_out,
+    use_reference,
+)
+from dpkernels.reference import dense as ref_dense
+
+BLOCK_N_ROWS = 128  # column tile of the row-sum kernel (fixed: the host sizes the split on it)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_R": 32}, num_warps=4),
+        triton.Config({"BLOCK_R": 16}, num_warps=4),
+        triton.Config({"BLOCK_R": 64}, num_warps=8),
+    ],
+    key=["N", "rows_per_split"],
+    restore_value=["out_ptr"],
+)
+@triton.jit
+def _weighted_rows_kernel(
+    x_ptr, c_ptr, out_ptr, acc_ptr, part_ptr,
+    R, T, N, rows_per_split,
+    sxb, sxt, sxn,
+    noise_std, seed, scale,
+    FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
+    mn = cols < N
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BR]
+        mr = rows < r_end
+        b = rows // T
+        t = rows % T
+        cb = tl.load(c_ptr + b, mask=mr, other=0.0).to(tl.float32)  # [BR]
+        ptrs = x_ptr + b[:, None] * sxb + t[:, None] * sxt + cols[None, :] * sxn
+        x = tl.load(ptrs, mask=mr[:, None] & mn[None, :], other=0.0).to(tl.float32)  # [BR, BN]
+        acc += x * cb[:, None]
+    tot = tl.sum(acc, axis=0)  # [BN]
+    if FUSED:
+        finish_store(tot, cols, mn, out_ptr, acc_ptr, noise_std, seed, scale, HAS_ACC, HAS_NOISE)
+    else:
+        tl.store(part_ptr + split * N + cols, tot, mask=mn)
+
+
+@triton.jit
+def _finish_kernel(
+    out_ptr, acc_ptr, part_ptr, S, N, noise_std, seed, scale,
+    HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
+    mask = offs < N
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        x += tl.load(part_ptr + s * N + offs, mask=mask, other=0.0)
+    finish_store(x, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale, HAS_ACC, HAS_NOISE)
+
+
+def finish(out: torch.Tensor, acc: torch.Tensor | None, parts: torch.Tensor | None,
+           noise_std: float, seed: int, scale: float) -> torch.Tensor:
+    """``out = (acc + sum_s parts[s] + noise_std z) * scale`` elementwise (all contiguous
+    float32; ``out`` may be ``acc`` or ``parts`` itself when S == 1)."""
+    N = out.numel()
+    if N == 0:
+        return out
+    S = 0 if parts is None else parts.numel() // max(N, 1)
+    BLOCK = 1024
+    _finish_kernel[(triton.cdiv(N, BLOCK),)](
+        out_ptr=out, acc_ptr=acc if acc is not None else out,
+        part_ptr=parts if parts is not None else out, S=S, N=N,
+        noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        HAS_ACC=acc is not None, HAS_NOISE=bool(noise_std), BLOCK=BLOCK,
+    )
+    return out
+
+
+def weighted_rows(x: torch.Tensor, c: torch.Tensor, acc, noise_std, seed, scale,
+                  out_shape, split: int | None = None) -> torch.Tensor:
+    """``(acc + sum_{b,t} c_b x[b, t, :] + noise) * scale`` for ``x`` [B, T, N]."""
+    B, T, N = x.shape
+    R = B * T
+    device = x.device
+    out, acc_in = prepare_out(acc, out_shape, device)
+    c = c.to(device=device, dtype=torch.float32).contiguous()
+    if N == 0:
+        return hand_back(out, acc)
+    n_cols = triton.cdiv(N, BLOCK_N_ROWS)
+    if split is None:
+        split = min(max(1, 2 * num_sms(device) // n_cols), max(1, R // 512), 64)
+    rows_per_split = max(1, triton.cdiv(R, split))
+    split = max(1, triton.cdiv(R, rows_per_split))
+    parts = None
+    if split > 1:
+        parts = torch.empty(split, N, dtype=torch.float32, device=device)
+    _weighted_rows_kernel[(n_cols, split)](
+        x_ptr=x, c_ptr=c, out_ptr=out, acc_ptr=acc_in if acc_in is not None else out,
+        part_ptr=parts if parts is not None else out,
+        R=R, T=T, N=N, rows_per_split=rows_per_split,
+        sxb=x.stride(0), sxt=x.stride(1), sxn=x.stride(2),
+        noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
+        BLOCK_N=BLOCK_N_ROWS,
+    )
+    if parts is not None:
+        finish(out, acc_in, parts, noise_std, seed, scale)
+    return hand_back(out, acc)
+
+
+@register("dense_clipped_sum", "triton")
+def dense_clipped_sum(psg, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """``(acc + sum_b c_b psg_b + noise_std z) * scale`` for ``psg`` [B, *shape]."""
+    if use_reference(psg, acc):
+        return ref_dense.dense_clipped_sum(psg, c, acc, noise_std, seed, scale)
+    check_float("dense_clipped_sum", psg)
+    x = psg.reshape(psg.shape[0], 1, math.prod(psg.shape[1:]))
+    return weighted_rows(x, c, acc, noise_std, seed, scale, psg.shape[1:])
+
+
+@register("add_noise", "triton")
+def add_noise(acc: torch.Tensor, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """``(acc + noise_std z) * scale``, in place in ``acc``."""
+    if use_reference(acc):
+        return ref_dense.add_noise(acc, noise_std, seed, scale)
+    if not noise_std and scale == 1.0:
+        return acc
+    out, acc_in = prepare_out(acc, acc.shape, acc.device)
+    finish(out, acc_in, None, noise_std, seed, scale)
+    return hand_back(out, acc)

@@ -1,0 +1,467 @@
+"""Linear layers: per-sample weight norms (ghost and direct), bias norms, cross terms between
+two uses of one weight, and the clipped sums with the noise epilogue.
+
+Shapes: ``a`` [B, T, d] inputs, ``g`` [B, T, p] backprops, ``c`` [B] clip factors.  The
+per-sample weight gradient is ``W_b = sum_t g_t a_t^T`` (p x d); no kernel ever writes it
+out, nor a [B, T, T] Gram matrix.  Norm kernels write one float32 partial per program into a
+small [B, programs] buffer that torch sums (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkernels.dispatch import register
+from dpkernels.ops._common import (
+    INTERPRET,
+    autotune,
+    check_float,
+    dot_precision,
+    finish_store,
+    hand_back,
+    mma,
+    num_sms,
+    philox_seed,
+    prepare_out,
+    same_dtype,
+    upper_pairs,
+    use_reference,
+)
+from dpkernels.ops.dense import finish, weighted_rows
+from dpkernels.reference import linear as ref
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 128}, num_warps=4),
+        triton.Config({"BLOCK_K": 512}, num_warps=4),
+        triton.Config({"BLOCK_K": 1024}, num_warps=8),
+    ],
+    key=["d", "p"],
+)
+@triton.jit
+def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
+                             BLOCK_K: tl.constexpr):
+    """T == 1: ``||W_b||^2 = ||a_b||^2 ||g_b||^2``; one program per sample."""
+    b = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    sa = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(a_ptr + b * sab + k * sak, mask=k < d, other=0.0).to(tl.float32)
+        sa += x * x
+    sg = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_K):
+        k = k0 + ks
+        y = tl.load(g_ptr + b * sgb + k * sgk, mask=k < p, other=0.0).to(tl.float32)
+        sg += y * y
+    tl.store(out_ptr + b, tl.sum(sa, axis=0) * tl.sum(sg, axis=0))
+
+
+# Tile sizes that fix the grid (and so the partial buffer) are chosen by the launcher; the
+# autotuner only picks what every config computes identically, so re-running is harmless.
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 32}, num_warps=4),
+        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
+    ],
+    key=["T1", "T2", "d", "p", "BLOCK_T"],
+)
+@triton.jit
+def _linear_ghost_kernel(
+    a1_ptr, g1_ptr, a2_ptr, g2_ptr, pairs_ptr, part_ptr,
+    T1, T2, d, p, n_pairs, n_tiles2,
+    sa1b, sa1t, sa1k, sg1b, sg1t, sg1k,
+    sa2b, sa2t, sa2k, sg2b, sg2t, sg2k,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (sample, t-tile, s-tile) block of ``sum_{t,s} (a1_t.a2_s)(g1_t.g2_s)``.
+
+    Both Gram tiles live on chip only.  SYMMETRIC (the norm, a2 = a1, g2 = g1): tiles i <= j
+    from the pair table, off-diagonal ones counted twice.  Otherwise all T1 x T2 tile pairs.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_pairs
+    q = pid % n_pairs
+    if SYMMETRIC:
+        ti = tl.load(pairs_ptr + 2 * q).to(tl.int64)
+        tj = tl.load(pairs_ptr + 2 * q + 1).to(tl.int64)
+    else:
+        ti = q // n_tiles2
+        tj = q % n_tiles2
+    ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] rows of use 1
+    rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] rows of use 2
+    mi = ri < T1
+    mj = rj < T2
+    ks = tl.arange(0, BLOCK_K)
+
+    gram_a = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        k = k0 + ks
+        mk = k < d
+        x = tl.load(a1_ptr + b * sa1b + ri[:, None] * sa1t + k[None, :] * sa1k,
+                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
+        y = tl.load(a2_ptr + b * sa2b + k[:, None] * sa2k + rj[None, :] * sa2t,
+                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
+        gram_a = mma(x, y, gram_a, UPCAST, PRECISION)
+    gram_g = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_K):
+        k = k0 + ks
+        mk = k < p
+        x = tl.load(g1_ptr + b * sg1b + ri[:, None] * sg1t + k[None, :] * sg1k,
+                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
+        y = tl.load(g2_ptr + b * sg2b + k[:, None] * sg2k + rj[None, :] * sg2t,
+                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
+        gram_g = mma(x, y, gram_g, UPCAST, PRECISION)
+    s = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
+    if SYMMETRIC:
+        s = s * tl.where(ti == tj, 1.0, 2.0)
+    tl.store(part_ptr + pid, s)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_T": 32}, num_warps=4),
+        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+    ],
+    key=["T1", "T2", "d", "p", "BLOCK_P", "BLOCK_D"],
+)
+@triton.jit
+def _linear_direct_kernel(
+    a1_ptr, g1_ptr, a2_ptr, g2_ptr, part_ptr,
+    T1, T2, d, p, n_tiles, n_tiles_d,
+    sa1b, sa1t, sa1k, sg1b, sg1t, sg1k,
+    sa2b, sa2t, sa2k, sg2b, sg2t, sg2k,
+    SECOND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One (sample, p-tile, d-tile) block of ``W_b = sum_t g_t a_t^T``, squared and summed on
+    chip (or, with SECOND, multiplied by the same block of the second use's ``W'_b``).
+
+    The T reduction is not split: partial sums of W cannot be squared separately."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    q = pid % n_tiles
+    cp = (q // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
+    cd = (q % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    mp = cp < p
+    md = cd < d
+    ts = tl.arange(0, BLOCK_T)
+
+    w1 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, T1, BLOCK_T):
+        t = t0 + ts
+        mt = t < T1
+        gt = tl.load(g1_ptr + b * sg1b + t[None, :] * sg1t + cp[:, None] * sg1k,
+                     mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
+        x = tl.load(a1_ptr + b * sa1b + t[:, None] * sa1t + cd[None, :] * sa1k,
+                    mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
+        w1 = mma(gt, x, w1, UPCAST, PRECISION)
+    if SECOND:
+        w2 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for t0 in range(0, T2, BLOCK_T):
+            t = t0 + ts
+            mt = t < T2
+            gt = tl.load(g2_ptr + b * sg2b + t[None, :] * sg2t + cp[:, None] * sg2k,
+                         mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
+            x = tl.load(a2_ptr + b * sa2b + t[:, None] * sa2t + cd[None, :] * sa2k,
+                        mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
+            w2 = mma(gt, x, w2, UPCAST, PRECISION)
+        s = tl.sum(tl.sum(w1 * w2, axis=1), axis=0)
+    else:
+        s = tl.sum(tl.sum(w1 * w1, axis=1), axis=0)
+    tl.store(part_ptr + pid, s)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_T": 16}, num_warps=4),
+        triton.Config({"BLOCK_T": 32}, num_warps=4),
+        triton.Config({"BLOCK_T": 64}, num_warps=8),
+    ],
+    key=["T", "p", "BLOCK_P"],
+)
+@triton.jit
+def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
+                             BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``sum_j (sum_t g_tj)^2`` over one p-tile of one sample (the sum over t comes first)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    cp = (pid % n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
+    mp = cp < p
+    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        y = tl.load(g_ptr + b * sgb + t[:, None] * sgt + cp[None, :] * sgk,
+                    mask=(t < T)[:, None] & mp[None, :], other=0.0).to(tl.float32)  # [BT, BP]
+        acc += y
+    col = tl.sum(acc, axis=0)  # [BP]
+    tl.store(part_ptr + pid, tl.sum(col * col, axis=0))
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_P": 32, "BLOCK_D": 32, "BLOCK_K": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_P": 128, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4,
+                      num_stages=4),
+        triton.Config({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8,
+                      num_stages=3),
+        triton.Config({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8,
+                      num_stages=3),
+    ],
+    key=["R", "d", "p", "rows_per_split"],
+    restore_value=["out_ptr"],
+)
+@triton.jit
+def _linear_clipped_sum_kernel(
+    a_ptr, g_ptr, c_ptr, out_ptr, acc_ptr, part_ptr,
+    R, T, d, p, rows_per_split,
+    sab, sat, sak, sgb, sgt, sgk,
+    noise_std, seed, scale,
+    FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HILO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BP, BD] tile of ``sum_r c_{r // T} g_r a_r^T`` over the rows r of one K split.
+
+    Each g row is scaled by its sample's c_b in float32 as it is loaded.  16-bit operands
+    (HILO) are then split into hi + lo 16-bit parts and multiplied twice: rounding c_b g to
+    16 bits alone would perturb each sample's clipped contribution by up to 2^-9 relative
+    per element, enough to break ``||c_b W_b|| <= C`` when rows cancel; hi + lo keeps ~2^-17.
+    FUSED (one split): the epilogue ``(acc + . + noise) * scale`` runs here; otherwise the
+    split's tile goes to ``part`` and dense.finish folds the splits.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    n_tiles_d = tl.cdiv(d, BLOCK_D)
+    cp = (pid // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)  # [BP]
+    cd = (pid % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)  # [BD]
+    mp = cp < p
+    md = cd < d
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
+        mr = r < r_end
+        b = r // T
+        t = r % T
+        cb = tl.load(c_ptr + b, mask=mr, other=0.0)  # [BK] float32
+        gt = tl.load(g_ptr + b[None, :] * sgb + t[None, :] * sgt + cp[:, None] * sgk,
+                     mask=mp[:, None] & mr[None, :], other=0.0)  # [BP, BK]
+        x = tl.load(a_ptr + b[:, None] * sab + t[:, None] * sat + cd[None, :] * sak,
+                    mask=mr[:, None] & md[None, :], other=0.0)  # [BK, BD]
+        gs = gt.to(tl.float32) * cb[None, :]  # [BP, BK]
+        if HILO:
+            hi = gs.to(a_ptr.dtype.element_ty)
+            lo = (gs - hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            acc = mma(hi, x, acc, UPCAST, PRECISION)
+            acc = mma(lo, x, acc, UPCAST, PRECISION)
+        else:
+            acc = mma(gs, x, acc, UPCAST, PRECISION)
+    offs = cp[:, None] * d + cd[None, :]  # [BP, BD] offsets in the row-major [p, d] output
+    mask = mp[:, None] & md[None, :]
+    if FUSED:
+        finish_store(acc, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale, HAS_ACC,
+                     HAS_NOISE)
+    else:
+        tl.store(part_ptr + split * p * d + offs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def _s(prefix: str, x: torch.Tensor) -> dict[str, int]:
+    """Strides of a [B, T, K] tensor as keyword arguments ``{prefix}b/t/k``."""
+    return {prefix + "b": x.stride(0), prefix + "t": x.stride(1), prefix + "k": x.stride(2)}
+
+
+def _check(name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"dpkernels.ops.{name}: expected a [B, T, d] and g [B, T, p], got "
+                         f"{tuple(a.shape)} and {tuple(g.shape)}")
+    check_float(name, a, g)
+
+
+def _tile(n: int, big: int) -> int:
+    """A tile width that fixes a grid: ``big`` on the GPU when ``n`` fills it, else 32 (the
+    interpreter always uses 32 so that small test shapes span several tiles)."""
+    return big if (not INTERPRET and n >= big) else 32
+
+
+def _row_norm_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    B, _, d = a.shape
+    out = torch.empty(B, dtype=torch.float32, device=a.device)
+    _row_norm_product_kernel[(B,)](a_ptr=a, g_ptr=g, out_ptr=out, d=d, p=g.shape[-1],
+                                   sab=a.stride(0), sak=a.stride(2),
+                                   sgb=g.stride(0), sgk=g.stride(2))
+    return out
+
+
+def _ghost(a1, g1, a2, g2, symmetric: bool) -> torch.Tensor:
+    B, T1, d = a1.shape
+    T2, p = a2.shape[1], g1.shape[-1]
+    BLOCK_T = _tile(min(T1, T2), 64)
+    n1, n2 = triton.cdiv(T1, BLOCK_T), triton.cdiv(T2, BLOCK_T)
+    n_pairs = n1 * (n1 + 1) // 2 if symmetric else n1 * n2
+    part = torch.empty(B * n_pairs, dtype=torch.float32, device=a1.device)
+    pairs = upper_pairs(n1, a1.device) if symmetric else part  # unused when not symmetric
+    _linear_ghost_kernel[(B * n_pairs,)](
+        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, pairs_ptr=pairs, part_ptr=part,
+        T1=T1, T2=T2, d=d, p=p, n_pairs=n_pairs, n_tiles2=n2,
+        **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
+        SYMMETRIC=symmetric, UPCAST=INTERPRET, PRECISION=dot_precision(a1.dtype),
+        BLOCK_T=BLOCK_T,
+    )
+    return part.view(B, n_pairs).sum(1)
+
+
+def _direct(a1, g1, a2=None, g2=None) -> torch.Tensor:
+    B, T1, d = a1.shape
+    p = g1.shape[-1]
+    second = a2 is not None
+    if not second:
+        a2, g2 = a1, g1
+    BLOCK_P, BLOCK_D = _tile(p, 64), _tile(d, 64)
+    n_tiles_d = triton.cdiv(d, BLOCK_D)
+    n_tiles = triton.cdiv(p, BLOCK_P) * n_tiles_d
+    part = torch.empty(B * n_tiles, dtype=torch.float32, device=a1.device)
+    _linear_direct_kernel[(B * n_tiles,)](
+        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, part_ptr=part,
+        T1=T1, T2=a2.shape[1], d=d, p=p, n_tiles=n_tiles, n_tiles_d=n_tiles_d,
+        **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
+        SECOND=second, UPCAST=INTERPRET, PRECISION=dot_precision(a1.dtype),
+        BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+    )
+    return part.view(B, n_tiles).sum(1)
+
+
+@register("linear_norm", "triton")
+def linear_norm(a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """[B] float32 ``||W_b||^2``: ghost (tiled Grams) or direct (tiled W_b), never stored."""
+    if use_reference(a, g):
+        return ref.linear_norm(a, g, method)
+    _check("linear_norm", a, g)
+    if method not in ("auto", "ghost", "direct"):
+        raise ValueError(f"method must be 'auto', 'ghost' or 'direct', got {method!r}")
+    B, T, d = a.shape
+    p = g.shape[-1]
+    if B == 0 or T == 0 or d == 0 or p == 0:
+        return torch.zeros(B, dtype=torch.float32, device=a.device)
+    a, g = same_dtype(a, g)
+    if T == 1:
+        return _row_norm_product(a, g)
+    if method == "auto":
+        method = ref.choose_method(T, d, p)
+    if method == "ghost":
+        return _ghost(a, g, a, g, symmetric=True)
+    return _direct(a, g)
+
+
+@register("linear_cross", "triton")
+def linear_cross(a1, g1, a2, g2) -> torch.Tensor:
+    """[B] float32 ``<W1_b, W2_b>``: ghost form ``sum_{t,s} (a1_t.a2_s)(g1_t.g2_s)`` or both
+    W tiles on chip, whichever costs less (T1 and T2 may differ)."""
+    if use_reference(a1, g1, a2, g2):
+        return ref.linear_cross(a1, g1, a2, g2)
+    _check("linear_cross", a1, g1)
+    _check("linear_cross", a2, g2)
+    B, T1, d = a1.shape
+    T2, p = a2.shape[1], g1.shape[-1]
+    if a2.shape[0] != B or a2.shape[-1] != d or g2.shape[-1] != p:
+        raise ValueError("dpkernels.ops.linear_cross: the two uses have different shapes")
+    if B == 0 or T1 == 0 or T2 == 0 or d == 0 or p == 0:
+        return torch.zeros(B, dtype=torch.float32, device=a1.device)
+    a1, g1, a2, g2 = same_dtype(a1, g1, a2, g2)
+    if T1 * T2 * (d + p) < (T1 + T2) * d * p:
+        return _ghost(a1, g1, a2, g2, symmetric=False)
+    return _direct(a1, g1, a2, g2)
+
+
+@register("linear_bias_norm", "triton")
+def linear_bias_norm(g: torch.Tensor) -> torch.Tensor:
+    """[B] float32 ``||sum_t g_t||^2`` (not ``sum_t ||g_t||^2``)."""
+    if use_reference(g):
+        return ref.linear_bias_norm(g)
+    check_float("linear_bias_norm", g)
+    B, T, p = g.shape
+    if B == 0 or T == 0 or p == 0:
+        return torch.zeros(B, dtype=torch.float32, device=g.device)
+    BLOCK_P = _tile(p, 128)
+    n_tiles = triton.cdiv(p, BLOCK_P)
+    part = torch.empty(B * n_tiles, dtype=torch.float32, device=g.device)
+    _linear_bias_norm_kernel[(B * n_tiles,)](
+        g_ptr=g, part_ptr=part, T=T, p=p, n_tiles=n_tiles,
+        sgb=g.stride(0), sgt=g.stride(1), sgk=g.stride(2), BLOCK_P=BLOCK_P,
+    )
+    return part.view(B, n_tiles).sum(1)
+
+
+def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
+                split: int | None = None) -> torch.Tensor:
+    """linear_clipped_sum with the K split exposed (tests force it; None picks one)."""
+    _check("linear_clipped_sum", a, g)
+    B, T, d = a.shape
+    p = g.shape[-1]
+    device = a.device
+    out, acc_in = prepare_out(acc, (p, d), device)
+    if p == 0 or d == 0:
+        return hand_back(out, acc)
+    a, g = same_dtype(a, g)
+    c = c.to(device=device, dtype=torch.float32).contiguous()
+    R = B * T
+    if split is None:
+        # Few output tiles and many rows: split the rows so that every SM has work.
+        tiles = triton.cdiv(p, 128) * triton.cdiv(d, 128)
+        split = min(max(1, 2 * num_sms(device) // tiles), max(1, R // 1024), 32)
+    rows_per_split = max(1, triton.cdiv(R, max(1, split)))
+    split = max(1, triton.cdiv(R, rows_per_split))
+    parts = None
+    if split > 1:
+        parts = torch.empty(split, p, d, dtype=torch.float32, device=device)
+
+    def grid(meta):
+        return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(d, meta["BLOCK_D"]), split)
+
+    _linear_clipped_sum_kernel[grid](
+        a_ptr=a, g_ptr=g, c_ptr=c, out_ptr=out,
+        acc_ptr=acc_in if acc_in is not None else out,
+        part_ptr=parts if parts is not None else out,
+        R=R, T=max(T, 1), d=d, p=p, rows_per_split=rows_per_split,
+        sab=a.stride(0), sat=a.stride(1), sak=a.stride(2),
+        sgb=g.stride(0), sgt=g.stride(1), sgk=g.stride(2),
+        noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
+        HILO=a.dtype != torch.float32, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+    )
+    if parts is not None:
+        finish(out, acc_in, parts, noise_std, seed, scale)
+    return hand_back(out, acc)
+
+
+@register("linear_clipped_sum", "triton")
+def linear_clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """[p, d] float32 ``(acc + sum_b c_b W_b + noise_std z) * scale``: one GEMM over the B*T
+    rows, g scaled by c_b on load, noise and scale in the epilogue; in place into ``acc``."""
+    if use_reference(a, g, acc):
+        return ref.linear_clipped_sum(a, g, c, acc, noise_std, seed, scale)
+    return clipped_sum(a, g, c, acc, noise_std, seed, scale)
+
+
+@register("linear_bias_clipped_sum", "triton")
+def linear_bias_clipped_sum(g, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
+    """[p] float32 ``(acc + sum_b c_b sum_t g_bt + noise_std z) * scale`` (row-split sum)."""
+    if use_reference(g, acc):
+        return ref.linear_bias_clipped_sum(g, c, acc, noise_std, seed, scale)
+    check_float("linear_bias_clipped_sum", g)
+    return weighted_rows(g, c, acc, noise_std, seed, scale, (g.shape[-1],))

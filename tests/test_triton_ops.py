@@ -1,0 +1,367 @@
+"""Every Triton op against its reference, on CPU tensors through Triton's interpreter.
+
+Tolerance rule (flash-attention's): with float32 inputs the kernel's relative error against
+the float64 reference may be at most twice what torch itself makes when it computes the same
+op in float32 (the reference op on float32 inputs), plus 16 eps32 for cases where torch is
+exact by luck.  Errors are norm-wise, ``||out - ref|| / ||ref||``.  16-bit inputs are compared
+on their exactly representable float32 values, so the same rule applies (their products are
+exact in float32; only the accumulation rounds).
+
+Without a GPU the module switches the interpreter on before triton is first imported.  On a
+GPU machine where the kernels were already compiled for CUDA (another test module imported
+dpkernels.ops first) the same tests run on CUDA tensors instead.
+
+Outputs: every float buffer the launchers allocate with ``torch.empty`` is poisoned with NaN
+first (the ``poison`` fixture), so an element a kernel forgets to write fails the test.
+"""
+
+import os
+
+import torch  # does not import triton
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from dpkernels import dispatch  # noqa: E402
+from dpkernels.ops import dense, embedding, linear, norms  # noqa: E402
+from dpkernels.ops._common import INTERPRET  # noqa: E402
+from dpkernels.reference import dense as ref_dense  # noqa: E402
+from dpkernels.reference import embedding as ref_emb  # noqa: E402
+from dpkernels.reference import linear as ref_lin  # noqa: E402
+from dpkernels.reference import norms as ref_norms  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(out, ref64, ref32, what=""):
+    """The tolerance rule of this file (see the module docstring)."""
+    assert out.dtype == torch.float32, (what, out.dtype)
+    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten) elements"
+    if ref64.numel() == 0 or ref64.norm() == 0:
+        assert out.numel() == 0 or out.abs().max().item() == 0, what
+        return
+    err, base = rel(out, ref64), rel(ref32, ref64)
+    assert err <= 2 * base + 16 * EPS32, f"{what}: error {err:.3g}, torch float32 {base:.3g}"
+
+
+def pair(*ts):
+    """(float64 copies, float32 copies) of 16-bit or float32 inputs, same values."""
+    return [t.double() for t in ts], [t.float() for t in ts]
+
+
+LIN_SHAPES = [
+    pytest.param(3, 63, 33, 17, id="B3-T63-d33-p17"),
+    pytest.param(2, 1, 7, 5, id="B2-T1-d7-p5"),
+    pytest.param(1, 40, 70, 45, id="B1-T40-d70-p45"),
+    pytest.param(0, 5, 3, 4, id="B0-T5-d3-p4"),
+]
+
+
+# ---------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
+@pytest.mark.parametrize("method", ["ghost", "direct", "auto"])
+def test_linear_norm(B, T, d, p, method):
+    a, g = torch.randn(B, T, d), torch.randn(B, T, p)
+    out = linear.linear_norm(a, g, method)
+    check(out, ref_lin.linear_norm(a.double(), g.double(), method),
+          ref_lin.linear_norm(a, g, method), method)
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_linear_norm_strided_bf16(method):
+    # non-contiguous a (a transposed view), bf16 g: promoted to one dtype, strides honoured
+    a = torch.randn(3, 35, 33).transpose(1, 2)  # [3, 33, 35], stride 1 along T
+    g = torch.randn(3, 33, 18).to(torch.bfloat16)
+    (a64, g64), (a32, g32) = pair(a, g)
+    check(linear.linear_norm(a, g, method), ref_lin.linear_norm(a64, g64, method),
+          ref_lin.linear_norm(a32, g32, method))
+    ab, gb = a.to(torch.bfloat16), g
+    (a64, g64), (a32, g32) = pair(ab, gb)
+    check(linear.linear_norm(ab, gb, method), ref_lin.linear_norm(a64, g64, method),
+          ref_lin.linear_norm(a32, g32, method))
+
+
+@pytest.mark.parametrize("T1,T2,d,p", [(5, 9, 40, 36), (70, 33, 6, 5)],
+                         ids=["ghost-cheaper", "direct-cheaper"])
+def test_linear_cross(T1, T2, d, p):
+    B = 3
+    a1, g1 = torch.randn(B, T1, d), torch.randn(B, T1, p)
+    a2, g2 = torch.randn(B, T2, d), torch.randn(B, T2, p)
+    r64 = ref_lin.linear_cross(a1.double(), g1.double(), a2.double(), g2.double())
+    r32 = ref_lin.linear_cross(a1, g1, a2, g2)
+    check(linear.linear_cross(a1, g1, a2, g2), r64, r32, "auto")
+    check(linear._ghost(a1, g1, a2, g2, symmetric=False), r64, r32, "ghost")
+    check(linear._direct(a1, g1, a2, g2), r64, r32, "direct")
+
+
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
+def test_linear_bias_norm(B, T, d, p):
+    g = torch.randn(B, T, p) + 0.3  # a mean, so that sum_t g_t != sum_t ||g_t|| matters
+    check(linear.linear_bias_norm(g), ref_lin.linear_bias_norm(g.double()),
+          ref_lin.linear_bias_norm(g))
+
+
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
+@pytest.mark.parametrize("split", [None, 3])
+def test_linear_clipped_sum(B, T, d, p, split):
+    a, g, c = torch.randn(B, T, d), torch.randn(B, T, p), torch.rand(B)
+    acc = torch.randn(p, d)
+    r64 = ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(), acc.double(), 0.0, 0,
+                                     0.25)
+    r32 = ref_lin.linear_clipped_sum(a, g, c, acc.clone(), 0.0, 0, 0.25)
+    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split)
+    assert out is acc  # folded in place
+    check(out, r64, r32, "with acc")
+    out = linear.clipped_sum(a, g, c, split=split)
+    check(out, ref_lin.linear_clipped_sum(a.double(), g.double(), c.double()),
+          ref_lin.linear_clipped_sum(a, g, c), "fresh")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_clipped_sum_16bit(dtype):
+    # c_b g is formed in float32 and split hi + lo into 16-bit parts: no 2^-9 rounding of c_b g
+    a, g = torch.randn(4, 19, 21).to(dtype), torch.randn(4, 19, 34).to(dtype)
+    c = torch.rand(4) * 0.9 + 0.05
+    (a64, g64), (a32, g32) = pair(a, g)
+    out = linear.clipped_sum(a, g, c, split=2)
+    r64 = ref_lin.linear_clipped_sum(a64, g64, c.double())
+    if dtype == torch.bfloat16:
+        # hi + lo carry 2 x 8 mantissa bits: ~2^-17 per element, the size of float32's own
+        # worst-case accumulation error over a few hundred rows (rounding c_b g to bf16
+        # alone would give ~2^-9); 2^-15 leaves 4x
+        assert rel(out, r64) <= 2**-15
+    else:
+        check(out, r64, ref_lin.linear_clipped_sum(a32, g32, c))  # fp16: 2 x 11 bits
+
+
+@pytest.mark.parametrize("B,T,p", [(3, 63, 17), (2, 1, 5), (0, 4, 3), (600, 2, 3)],
+                         ids=["B3-T63", "T1", "B0", "B600-split"])
+def test_linear_bias_clipped_sum(B, T, p):
+    g, c, acc = torch.randn(B, T, p), torch.rand(B), torch.randn(p)
+    r64 = ref_lin.linear_bias_clipped_sum(g.double(), c.double(), acc.double(), 0.0, 0, 0.5)
+    r32 = ref_lin.linear_bias_clipped_sum(g, c, acc.clone(), 0.0, 0, 0.5)
+    out = linear.linear_bias_clipped_sum(g, c, acc, 0.0, 0, 0.5)
+    assert out is acc
+    check(out, r64, r32)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (1, 130), (0, 4), (4, 2, 2, 2)])
+@pytest.mark.parametrize("split", [None, 2])
+def test_dense_clipped_sum(shape, split):
+    psg, c = torch.randn(shape), torch.rand(shape[0])
+    out = dense.weighted_rows(psg.reshape(shape[0], 1, math.prod(shape[1:])), c, None, 0.0, 0, 0.5,
+                              shape[1:], split=split)
+    check(out, ref_dense.dense_clipped_sum(psg.double(), c.double(), None, 0.0, 0, 0.5),
+          ref_dense.dense_clipped_sum(psg, c, None, 0.0, 0, 0.5))
+    check(dense.dense_clipped_sum(psg, c), ref_dense.dense_clipped_sum(psg.double(), c.double()),
+          ref_dense.dense_clipped_sum(psg, c))
+
+
+def test_float64_goes_to_reference():
+    a, g, c = torch.randn(2, 3, 4).double(), torch.randn(2, 3, 5).double(), torch.rand(2).double()
+    out = linear.linear_norm(a, g)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_lin.linear_norm(a, g), rtol=0, atol=0)
+    assert linear.linear_clipped_sum(a, g, c).dtype == torch.float64
+
+
+def test_registered():
+    for name in ["linear_norm", "linear_cross", "linear_bias_norm", "linear_clipped_sum",
+                 "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise", "embedding_norm",
+                 "embedding_cross", "embedding_clipped_sum", "layer_norm_psg", "rms_norm_psg",
+                 "group_norm_psg"]:
+        fn, backend = dispatch.resolve(name, "triton", DEVICE)
+        assert backend == "triton" and fn.__module__.startswith("dpkernels.ops"), name
+
+
+# ---------------------------------------------------------------------------- noise
+
+# The noise z is Philox normal noise keyed by (seed, element offset).  Statistical checks use
+# n = 64 * 80 = 5120 draws: |mean| <= 5 sigma / sqrt(n) and |std / sigma - 1| <= 5 / sqrt(2n)
+# (the sample std's standard error is ~ sigma / sqrt(2n)); each fails by chance with
+# probability ~6e-7 for a correct generator, and the seeds are fixed, so the test is stable.
+N_NOISE = 64 * 80
+
+
+def _noise_linear(seed, std=1.5, split=None):
+    a, g, c = torch.zeros(2, 3, 80), torch.zeros(2, 3, 64), torch.ones(2)
+    return linear.clipped_sum(a, g, c, None, std, seed, 1.0, split=split)
+
+
+def test_noise_statistics():
+    std = 1.5
+    z = _noise_linear(12345, std).double()
+    assert abs(z.mean().item()) <= 5 * std / math.sqrt(N_NOISE)
+    assert abs(z.std().item() / std - 1) <= 5 / math.sqrt(2 * N_NOISE)
+    # neighbouring elements are independent: lag-1 correlation ~ N(0, 1/n)
+    f = z.flatten()
+    corr = torch.corrcoef(torch.stack([f[:-1], f[1:]]))[0, 1].item()
+    assert abs(corr) <= 5 / math.sqrt(N_NOISE)
+
+
+def test_noise_seeds():
+    z1, z2 = _noise_linear(7), _noise_linear(7)
+    assert torch.equal(z1, z2)  # reproducible
+    assert torch.equal(z1, _noise_linear(7, split=2))  # keyed by element, not by tiling
+    assert not torch.equal(z1, _noise_linear(8))
+    big = 2**61 + 7  # engine seeds are 62-bit: the high bits must change the noise
+    assert not torch.equal(_noise_linear(big), z1)
+    assert torch.equal(_noise_linear(big), _noise_linear(big))
+
+
+def test_noise_epilogues_everywhere():
+    """Every clipped sum adds noise_std * z, then scales; the update itself is unchanged."""
+    std, seed, scale = 2.0, 99, 0.5
+    g, c = torch.randn(3, 4, 130), torch.rand(3)
+    exact = ref_lin.linear_bias_clipped_sum(g.double(), c.double())
+    for split in [1, 3]:
+        out = dense.weighted_rows(g, c, None, std, seed, scale, (130,), split=split).double()
+        z = (out / scale - exact) / std
+        assert abs(z.mean().item()) <= 5 / math.sqrt(130)
+        assert abs(z.std().item() - 1) <= 5 / math.sqrt(2 * 130)
+    acc = torch.randn(40, 50)
+    before = acc.clone()
+    out = dense.add_noise(acc, std, seed, scale)
+    assert out is acc
+    z = ((out.double() / scale) - before.double()) / std
+    assert abs(z.mean().item()) <= 5 / math.sqrt(2000)
+    assert abs(z.std().item() - 1) <= 5 / math.sqrt(4000)
+    ids = torch.randint(0, 30, (2, 5))
+    ge = torch.randn(2, 5, 40)
+    out = embedding.embedding_clipped_sum(ids, ge, c[:2], 30, None, None, std, seed, scale)
+    exact = ref_emb.embedding_clipped_sum(ids, ge.double(), c[:2].double(), 30)
+    z = ((out.double() / scale) - exact) / std
+    assert abs(z.mean().item()) <= 5 / math.sqrt(1200)
+    assert abs(z.std().item() - 1) <= 5 / math.sqrt(2400)
+
+
+# ---------------------------------------------------------------------------- embedding
+
+EMB_CASES = [
+    pytest.param(3, 63, 17, 11, 0, id="B3-T63-p17-pad0"),
+    pytest.param(2, 1, 5, 4, None, id="T1-nopad"),
+    pytest.param(1, 40, 33, 7, 3, id="B1-T40-pad3"),
+    pytest.param(0, 4, 3, 5, None, id="B0"),
+]
+
+
+@pytest.mark.parametrize("B,T,p,V,pad", EMB_CASES)
+def test_embedding_norm_and_cross(B, T, p, V, pad):
+    ids, g = torch.randint(0, V, (B, T)), torch.randn(B, T, p)
+    check(embedding.embedding_norm(ids, g, pad), ref_emb.embedding_norm(ids, g.double(), pad),
+          ref_emb.embedding_norm(ids, g, pad))
+    ids2, g2 = torch.randint(0, V, (B, T + 3)), torch.randn(B, T + 3, p)
+    check(embedding.embedding_cross(ids, g, ids2, g2, pad),
+          ref_emb.embedding_cross(ids, g.double(), ids2, g2.double(), pad),
+          ref_emb.embedding_cross(ids, g, ids2, g2, pad))
+
+
+def test_embedding_norm_noncontiguous_ids():
+    ids = torch.randint(0, 6, (45, 2)).t()  # [2, 45], strides (1, 2): Opacus crashes here
+    g = torch.randn(2, 45, 9).to(torch.bfloat16)
+    check(embedding.embedding_norm(ids, g, 2), ref_emb.embedding_norm(ids, g.double(), 2),
+          ref_emb.embedding_norm(ids, g.float(), 2))
+
+
+@pytest.mark.parametrize("B,T,p,V,pad", EMB_CASES)
+def test_embedding_clipped_sum(B, T, p, V, pad):
+    ids, g, c = torch.randint(0, V, (B, T)), torch.randn(B, T, p), torch.rand(B)
+    acc = torch.randn(V, p)
+    r64 = ref_emb.embedding_clipped_sum(ids, g.double(), c.double(), V, pad, acc.double(),
+                                        0.0, 0, 0.5)
+    r32 = ref_emb.embedding_clipped_sum(ids, g, c, V, pad, acc.clone(), 0.0, 0, 0.5)
+    out = embedding.embedding_clipped_sum(ids, g, c, V, pad, acc, 0.0, 0, 0.5)
+    assert out is acc
+    check(out, r64, r32)
+    if pad is not None:
+        assert torch.equal(embedding.embedding_clipped_sum(ids, g, c, V, pad)[pad],
+                           torch.zeros(p, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("shape,ns", [((3, 5, 7, 10), (10,)), ((2, 9), (9,)),
+                                      ((2, 4, 3, 5), (3, 5)), ((1, 33, 70), (70,)),
+                                      ((0, 3, 4), (4,))],
+                         ids=["B3-M35-N10", "M1-N9", "N3x5", "B1-M33-N70", "B0"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
+                         ids=["wb", "w", "b"])
+def test_layer_norm_psg(shape, ns, need):
+    x, g = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    out = norms.layer_norm_psg(x, g, ns, 1e-5, *need)
+    r64 = ref_norms.layer_norm_psg(x.double(), g.double(), ns, 1e-5, *need)
+    r32 = ref_norms.layer_norm_psg(x, g, ns, 1e-5, *need)
+    for o, a, b in zip(out, r64, r32):
+        assert (o is None) == (a is None)
+        if o is not None:
+            check(o, a, b)
+
+
+def test_layer_norm_psg_split_bf16():
+    x, g = (torch.randn(3, 50, 24) * 3).to(torch.bfloat16), torch.randn(3, 50, 24)
+    (x64, g64), (x32, g32) = pair(x, g)
+    gw, gb = norms._row_norm_psg(x, g, (24,), 1e-5, False, True, True, split=3)
+    rw, rb = ref_norms.layer_norm_psg(x64, g64, (24,), 1e-5)
+    sw, sb = ref_norms.layer_norm_psg(x32, g32, (24,), 1e-5)
+    check(gw, rw, sw)
+    check(gb, rb, sb)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_psg(eps):
+    x, g = torch.randn(2, 7, 3, 6), torch.randn(2, 7, 3, 6)
+    eps64 = torch.finfo(torch.float32).eps if eps is None else eps  # what torch uses for fp32
+    check(norms.rms_norm_psg(x, g, (3, 6), eps),
+          ref_norms.rms_norm_psg(x.double(), g.double(), (3, 6), eps64),
+          ref_norms.rms_norm_psg(x, g, (3, 6), eps))
+
+
+@pytest.mark.parametrize("shape,G", [((3, 6, 5, 7), 3), ((2, 4), 2), ((2, 8, 10), 8),
+                                     ((1, 6, 33), 1), ((0, 4, 3), 2)],
+                         ids=["B3-C6-G3-5x7", "no-spatial", "instance", "G1-S33", "B0"])
+@pytest.mark.parametrize("need", [(True, True), (False, True)], ids=["wb", "b"])
+def test_group_norm_psg(shape, G, need):
+    x, g = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    out = norms.group_norm_psg(x, g, G, 1e-5, *need)
+    r64 = ref_norms.group_norm_psg(x.double(), g.double(), G, 1e-5, *need)
+    r32 = ref_norms.group_norm_psg(x, g, G, 1e-5, *need)
+    for o, a, b in zip(out, r64, r32):
+        assert (o is None) == (a is None)
+        if o is not None:
+            check(o, a, b)
