@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+import torch
+
+from dpkernels import dispatch, info
+
+
+def test_info_report_lists_versions_and_ops():
+    text = info.report()
+    for word in ("dpkernels", "torch", "triton", "CUDA extension", "GPU"):
+        assert word in text
+    rows = dispatch.table("cpu")
+    for name, _, auto in rows:
+        line = next(l for l in text.splitlines() if l.split()[:1] == [name])
+        assert line.split()[-1] == auto
+    if not torch.cuda.is_available():
+        assert "none visible" in text
+
+
+def test_info_module_runs():
+    out = subprocess.run([sys.executable, "-m", "dpkernels.info"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert "linear_norm" in out and "auto" in out
