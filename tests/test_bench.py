@@ -1,0 +1,150 @@
+"""The benchmark scripts still run: bench/e2e.py end to end on one tiny CPU case (its own
+processes, its CSV contract, Opacus reported as skipped when it is missing), and every
+bench/models.py model through one forward."""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import e2e, models  # noqa: E402
+
+HAVE_OPACUS = importlib.util.find_spec("opacus") is not None
+
+
+def test_e2e_cpu_tiny(tmp_path):
+    out = tmp_path / "e2e.csv"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "e2e.py"), "--device", "cpu", "--cases",
+         "cpu-tiny", "--modes", "nonprivate,dpkernels,opacus_hooks,opacus_ghost",
+         "--steps", "2", "--warmup", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    with out.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == e2e.COLUMNS
+    assert rows[0] == ["date", "gpu", "torch", "triton", "git_sha", "model", "dtype", "batch",
+                       "seq", "mode", "ms_median", "ms_p20", "ms_p80", "peak_mib"]
+    body = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
+    by_mode = {r["mode"]: r for r in body}
+    for mode in ("nonprivate", "dpkernels"):
+        r = by_mode[mode]
+        assert (r["model"], r["dtype"], r["batch"], r["seq"]) == ("mlp-tiny", "fp32", "16", "")
+        assert r["gpu"].startswith("cpu")
+        assert r["torch"] == torch.__version__
+        ms = [float(r[k]) for k in ("ms_p20", "ms_median", "ms_p80")]
+        assert 0 < ms[0] <= ms[1] <= ms[2], r
+        float(r["peak_mib"])
+    assert len({r["date"] for r in body}) == 1  # one stamp per run
+    table = p.stdout
+    assert "time x" in table and "nonprivate" in table and "dpkernels" in table
+    if not HAVE_OPACUS:
+        assert set(by_mode) == {"nonprivate", "dpkernels"}  # skips are not CSV rows
+        lines = [ln for ln in table.splitlines() if "opacus_" in ln and "skipped" in ln]
+        assert any("opacus_hooks" in ln for ln in lines), table
+        assert any("opacus_ghost" in ln for ln in lines), table
+        assert "opacus is not installed" in table
+
+
+def test_e2e_case_parsing():
+    assert e2e.parse_case("gpt:bf16:16:256") == {"model": "gpt", "dtype": "bf16",
+                                                  "batch": 16, "seq": 256}
+    assert e2e.parse_case("mlp:fp32:1024")["seq"] is None
+    assert len(e2e.expand_cases("anchors")) == 6
+    with pytest.raises(ValueError):
+        e2e.parse_case("gpt:fp32:16")  # gpt needs a sequence length
+    with pytest.raises(ValueError):
+        e2e.parse_case("resnet:fp32:16")
+
+
+@pytest.mark.parametrize("name,sizes,batch,seq,out_shape", [
+    ("gpt", {"vocab": 97, "d": 32, "layers": 2, "heads": 4, "seq": 16}, 3, 16, (3, 16, 97)),
+    ("cnn", {"widths": (32, 32, 32, 32, 64), "size": 16}, 2, None, (2, 10)),
+    ("mlp", {"widths": (784, 64, 64, 10)}, 4, None, (4, 10)),
+])
+def test_models_forward(name, sizes, batch, seq, out_shape):
+    spec = models.spec(name, **sizes)
+    model = spec.model()
+    x, y = spec.batch(batch, seq)
+    out = model(x)
+    assert out.shape == out_shape
+    loss = spec.loss(out, y)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    args, kwargs = spec.criterion_args(out, y)
+    per_sample = torch.nn.functional.cross_entropy(*args, reduction="none")
+    assert per_sample.shape[0] == (batch * seq if seq else batch)
+
+
+def test_model_sizes_match_anchors():
+    gpt = models.gpt(seq=256)
+    n = sum(p.numel() for p in gpt.parameters())
+    # 6 blocks of 12 d^2 + 13 d, embeddings V d + T d, head d V + V, final LN 2 d
+    d, V, T = 768, 16384, 256
+    assert n == 6 * (12 * d * d + 13 * d) + V * d + T * d + d * V + V + 2 * d
+    cnn = models.cnn()
+    convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256]
+    assert all(m.num_groups == 32 for m in cnn.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert cnn(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    widths = [m.out_features for m in models.mlp().modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [1024, 1024, 10]
+
+
+def test_e2e_failing_case_is_reported(tmp_path):
+    """A case that crashes gives an error line and a CSV row with empty numbers; the run
+    goes on (here it is the only case, so the exit status says nothing was measured)."""
+    out = tmp_path / "e2e.csv"
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "e2e.py"), "--device", "cpu", "--cases",
+         "cpu-tiny", "--modes", "dpkernels", "--backend", "no-such-backend", "--steps", "1",
+         "--warmup", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "error" in p.stdout and "no-such-backend" in p.stdout
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["mode"] == "dpkernels"
+    assert rows[0]["ms_median"] == "" and rows[0]["peak_mib"] == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernels_interpret_smoke(tmp_path):
+    """bench/kernels.py runs one tiny shape per op in Triton's interpreter (checks the script,
+    not the kernels' speed) and writes its CSV contract."""
+    out = tmp_path / "kernels.csv"
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "kernels.py"), "--interpret-smoke", "--out",
+         str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["date", "gpu", "torch", "triton", "git_sha", "op", "shape",
+                             "dtype", "provider", "ms_median", "ms_p20", "ms_p80",
+                             "ratio_or_bandwidth"]
+    ops = {r["op"] for r in rows}
+    assert {"copy", "weight_grad_gemm"} <= ops
+    assert any(r["op"].startswith("linear_norm") and r["provider"] == "reference" for r in rows)
+
+
+def test_kernels_refuses_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert p.returncode == 0 and "needs a CUDA GPU" in p.stdout
