@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import dpkernels
@@ -38,6 +39,22 @@ def oracle(model, loss_fn, x, y, max_grad_norm, expected_batch_size, reduction):
     scale = 1.0 / expected_batch_size if reduction == "mean" else 1.0
     grads = {k: torch.tensordot(c, v, dims=1) * scale for k, v in psg.items()}
     return norms, grads, psg
+
+
+def ce(reduction):
+    """Cross-entropy over all leading positions ([B, C] or [B, T, C] outputs)."""
+
+    def f(out, y):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+    return f
+
+
+def mse(reduction):
+    def f(out, y):
+        return F.mse_loss(out, y, reduction=reduction)
+
+    return f
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

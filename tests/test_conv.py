@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import RTOL_F64, check_engine, rel_err
+from oracle import RTOL_F64, ce, check_engine, rel_err
 from torch import nn
 from torch.func import grad, vmap
 
@@ -14,12 +14,6 @@ from dpkernels.layers.conv import ConvHandler, ConvUse
 from dpkernels.reference import conv as ref
 
 F64 = torch.float64
-
-
-def ce(reduction):
-    def f(out, y):
-        return F.cross_entropy(out, y, reduction=reduction)
-    return f
 
 
 def with_head(conv, x, classes=3):

@@ -99,6 +99,25 @@ def mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def gram_tile(x_ptr, sxb, sxt, sxk, y_ptr, syb, syt, syk, b, ri, rj, mi, mj, K,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """[BT, BT] float32 ``x_{b,ri} . y_{b,rj}``: one tile of a per-sample Gram matrix, reduced
+    over K in BLOCK_K chunks, never leaving the chip."""
+    ks = tl.arange(0, BLOCK_K)
+    gram = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        mk = k < K
+        x = tl.load(x_ptr + b * sxb + ri[:, None] * sxt + k[None, :] * sxk,
+                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
+        y = tl.load(y_ptr + b * syb + k[:, None] * syk + rj[None, :] * syt,
+                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
+        gram = mma(x, y, gram, UPCAST, PRECISION)
+    return gram
+
+
+@triton.jit
 def finish_store(x, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale,
                  HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr):
     """Store ``(acc + x + noise_std * z) * scale`` at element offsets ``offs`` (int64) of a

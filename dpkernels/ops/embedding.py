@@ -19,7 +19,7 @@ from dpkernels.ops._common import (
     autotune,
     check_float,
     dot_precision,
-    mma,
+    gram_tile,
     upper_pairs,
     use_reference,
 )
@@ -67,16 +67,8 @@ def _embedding_ghost_kernel(
     eq = (xi[:, None] == xj[None, :]) & mi[:, None] & mj[None, :]  # [BT, BT]
     if HAS_PAD:
         eq = eq & (xi[:, None] != pad)
-    ks = tl.arange(0, BLOCK_K)
-    gram = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, p, BLOCK_K):
-        k = k0 + ks
-        mk = k < p
-        x = tl.load(g1_ptr + b * sg1b + ri[:, None] * sg1t + k[None, :] * sg1k,
-                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
-        y = tl.load(g2_ptr + b * sg2b + k[:, None] * sg2k + rj[None, :] * sg2t,
-                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
-        gram = mma(x, y, gram, UPCAST, PRECISION)
+    gram = gram_tile(g1_ptr, sg1b, sg1t, sg1k, g2_ptr, sg2b, sg2t, sg2k, b, ri, rj, mi, mj, p,
+                     UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
     s = tl.sum(tl.sum(tl.where(eq, gram, 0.0), axis=1), axis=0)
     if SYMMETRIC:
         s = s * tl.where(ti == tj, 1.0, 2.0)

@@ -20,6 +20,7 @@ from dpkernels.ops._common import (
     check_float,
     dot_precision,
     finish_store,
+    gram_tile,
     hand_back,
     mma,
     num_sms,
@@ -100,26 +101,10 @@ def _linear_ghost_kernel(
     rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] rows of use 2
     mi = ri < T1
     mj = rj < T2
-    ks = tl.arange(0, BLOCK_K)
-
-    gram_a = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        k = k0 + ks
-        mk = k < d
-        x = tl.load(a1_ptr + b * sa1b + ri[:, None] * sa1t + k[None, :] * sa1k,
-                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
-        y = tl.load(a2_ptr + b * sa2b + k[:, None] * sa2k + rj[None, :] * sa2t,
-                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
-        gram_a = mma(x, y, gram_a, UPCAST, PRECISION)
-    gram_g = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, p, BLOCK_K):
-        k = k0 + ks
-        mk = k < p
-        x = tl.load(g1_ptr + b * sg1b + ri[:, None] * sg1t + k[None, :] * sg1k,
-                    mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
-        y = tl.load(g2_ptr + b * sg2b + k[:, None] * sg2k + rj[None, :] * sg2t,
-                    mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
-        gram_g = mma(x, y, gram_g, UPCAST, PRECISION)
+    gram_a = gram_tile(a1_ptr, sa1b, sa1t, sa1k, a2_ptr, sa2b, sa2t, sa2k, b, ri, rj, mi, mj,
+                       d, UPCAST, PRECISION, BLOCK_T, BLOCK_K)
+    gram_g = gram_tile(g1_ptr, sg1b, sg1t, sg1k, g2_ptr, sg2b, sg2t, sg2k, b, ri, rj, mi, mj,
+                       p, UPCAST, PRECISION, BLOCK_T, BLOCK_K)
     s = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     if SYMMETRIC:
         s = s * tl.where(ti == tj, 1.0, 2.0)
