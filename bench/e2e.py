@@ -39,6 +39,8 @@ from bench import common  # noqa: E402
 COLUMNS = ["date", "gpu", "torch", "triton", "git_sha", "model", "dtype", "batch", "seq",
            "mode", "ms_median", "ms_p20", "ms_p80", "peak_mib"]
 MODES = ("nonprivate", "dpkernels", "opacus_hooks", "opacus_ghost")
+# Measured only when asked for (--modes ...,dpkernels_lowmem): make_private(mode="low-memory").
+EXTRA_MODES = ("dpkernels_lowmem",)
 
 # Model labels (the CSV's model column) -> (architecture, sizes).  The plain names are the
 # ANCHORS.md sizes; -tiny ones are the same architectures cut down for CPU smoke runs.
@@ -127,7 +129,7 @@ def run_single(job: dict) -> dict:
     if mode.startswith("opacus"):
         import opacus  # noqa: F401  (before the RSS baseline, like torch)
         from opacus import PrivacyEngine
-    if mode == "dpkernels":
+    if mode.startswith("dpkernels"):
         import dpkernels
         from dpkernels import dispatch
 
@@ -153,12 +155,13 @@ def run_single(job: dict) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     criterion = None
 
-    if mode == "dpkernels":
+    if mode.startswith("dpkernels"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt = dpkernels.make_private(model, opt, noise_multiplier=1.0, max_grad_norm=1.0,
                                          expected_batch_size=job["batch"],
-                                         backend=job.get("backend", "auto"), seed=0)
+                                         backend=job.get("backend", "auto"), seed=0,
+                                         mode="low-memory" if mode.endswith("lowmem") else "fast")
         fallback = sorted({str(w.message).split(" ")[1] for w in caught
                            if "generic torch.func fallback" in str(w.message)})
         notes.append(f"backend={dispatch.pick(job.get('backend', 'auto'), device.type)}")
@@ -196,7 +199,10 @@ def run_single(job: dict) -> dict:
             else:  # Opacus ghost: per-sample losses, two backward passes inside backward()
                 args, kw = spec.criterion_args(out, y)
                 loss = criterion(*args, **kw)
-        loss.backward()
+        if mode.startswith("dpkernels"):
+            opt.backward(loss)  # two passes in low-memory mode
+        else:
+            loss.backward()
         opt.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
                          f"[:seq] items (models: {', '.join(MODELS)}); default: anchors on "
                          "cuda, cpu-small on cpu")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of "
-                    + ", ".join(MODES))
+                    + ", ".join(MODES + EXTRA_MODES))
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps (default 10 on cuda, 5 on cpu)")
     ap.add_argument("--warmup", type=int, default=None,
@@ -319,8 +325,8 @@ def main(argv=None) -> int:
         args.warmup = 3 if device == "cuda" else 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in MODES:
-            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+        if m not in MODES + EXTRA_MODES:
+            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(MODES + EXTRA_MODES)}")
     if "nonprivate" in modes:  # first, so a case's ratios exist even if the run is cut
         modes = ["nonprivate"] + [m for m in modes if m != "nonprivate"]
     have_opacus = importlib.util.find_spec("opacus") is not None
@@ -338,11 +344,12 @@ def main(argv=None) -> int:
           f"timed steps each, one process per (case, mode); CSV: {out}", flush=True)
     log = open(args.log, "a") if args.log else None
 
-    # Ours before Opacus: if the time budget runs out, every case still has its nonprivate
-    # and dpkernels rows.  The table below is ordered by case all the same.
-    ours = [m for m in modes if not m.startswith("opacus")]
+    # Ours before Opacus, the extra modes last: if the time budget runs out, every case still
+    # has its nonprivate and dpkernels rows, then Opacus'.  The table is ordered by case.
+    ours = [m for m in modes if not m.startswith("opacus") and m not in EXTRA_MODES]
     theirs = [m for m in modes if m.startswith("opacus")]
-    schedule = [(c, m) for group in (ours, theirs) for c in cases for m in group]
+    extra = [m for m in modes if m in EXTRA_MODES]
+    schedule = [(c, m) for group in (ours, theirs, extra) for c in cases for m in group]
     results = []  # (case, mode, res)
     for case, mode in schedule:
         tag = (f"{case['model']} {case['dtype']} B={case['batch']}"

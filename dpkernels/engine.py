@@ -35,7 +35,10 @@ class Engine:
         loss_reduction: str = "mean",
         backend: str = "auto",
         norm_method: str = "auto",
+        mode: str = "fast",
     ) -> None:
+        if mode not in ("fast", "low-memory"):
+            raise ValueError(f"mode must be 'fast' or 'low-memory', got {mode!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if not max_grad_norm > 0:
@@ -51,6 +54,15 @@ class Engine:
         self.loss_reduction = loss_reduction
         self.backend = backend
         self.norm_method = norm_method
+        # "fast": one backward, backprops kept until step()/accumulate().  "low-memory": two
+        # backward passes (dp_opt.backward(loss)): the first only accumulates norms, the second
+        # folds each layer's clipped sum as soon as its backprop arrives, so no backprop is
+        # kept beyond its layer (except for parameters used more than once, in pass one).
+        self.mode = mode
+        self.phase: str | None = None  # low-memory mode: "norms", then "sums"
+        self.factors: torch.Tensor | None = None  # clip factors between the two passes
+        self.calls: dict[str, int] = {}  # forward calls per module in this micro-batch
+        self.shared: set[nn.Parameter] = set()
         self.bypass = False  # True while the generic fallback re-runs a forward per sample
         self._patched: dict[nn.Module, tuple[str, object]] = {}
         self._hooks: list = []
@@ -105,6 +117,8 @@ class Engine:
                 )
         for p, names in owners.items():
             self.param_names[p] = names[0]
+            if len(names) > 1:
+                self.shared.add(p)
         for name, p in model.named_parameters(remove_duplicate=True):
             self.param_names[p] = name
             self.params.append(p)
@@ -177,6 +191,7 @@ class Engine:
     # ------------------------------------------------------------------ capture
     def on_forward(self, name: str) -> None:
         """Called by every captured forward: refuse to mix two micro-batches' backprops."""
+        self.calls[name] = self.calls.get(name, 0) + 1
         if self.uses and torch.is_grad_enabled():
             raise RuntimeError(
                 f"dpkernels: a forward pass through {name} started while the previous "
@@ -185,9 +200,15 @@ class Engine:
             )
 
     def record(self, name: str, batch_size: int, uses: list[tuple[nn.Parameter, Use]]) -> None:
-        """Called from a layer's backward: add the norms of ``uses`` and keep them."""
+        """Called from a layer's backward: add the norms of ``uses`` and keep them (or, in the
+        second pass of the low-memory mode, fold their clipped sums right away)."""
         if not uses:
             return
+        if self.mode == "low-memory" and self.phase is None:
+            raise RuntimeError(
+                "dpkernels: mode='low-memory' needs two backward passes: call "
+                "dp_opt.backward(loss) instead of loss.backward()"
+            )
         if self.batch_size is None:
             self.batch_size, self.first_module = batch_size, name
         elif batch_size != self.batch_size:
@@ -197,6 +218,13 @@ class Engine:
                 "captured layer needs the batch as its first dimension (batch_first=True)"
             )
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        if self.phase == "sums":
+            c = self.factors * scale
+            for p, use in uses:
+                self.acc[p] = use.clipped_sum(self.op, c, self.acc.get(p), 0.0, 0, 1.0)
+            return
+        # pass one of the low-memory mode keeps a use only if its parameter can be used again
+        reused = self.calls.get(name, 0) > 1
         for p, use in uses:
             use.scale = scale
             contrib = use.raw_norm(self.op) * (scale * scale)
@@ -209,9 +237,35 @@ class Engine:
                 dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
                 self.norm_sq = self.norm_sq.to(dt)
             self.norm_sq += contrib.to(self.norm_sq.dtype)
-            earlier.append(use)
+            if self.phase != "norms" or reused or p in self.shared:
+                earlier.append(use)
+
+    def two_pass_backward(self, loss: torch.Tensor) -> None:
+        """The low-memory mode's backward: norms first (graph retained), clipped sums second."""
+        if self.uses:
+            raise RuntimeError(
+                "dpkernels: the previous backward's per-sample gradients were not folded in; "
+                "call dp_opt.accumulate() or dp_opt.step() first"
+            )
+        calls = dict(self.calls)
+        self.clear_pending()
+        self.calls = calls
+        self.phase = "norms"
+        try:
+            loss.backward(retain_graph=True)
+            self.uses = {}  # kept only for cross terms; the sums pass needs none of it
+            self.factors = self.clip_factors()
+            if self.factors is None:  # nothing captured
+                return
+            self.phase = "sums"
+            loss.backward()
+        finally:
+            self.phase = None
+        self.uses = {}
 
     def clear_pending(self) -> None:
+        self.calls = {}
+        self.factors = None
         self.uses = {}
         self.norm_sq = None
         self.batch_size = None
@@ -229,7 +283,7 @@ class Engine:
              seeds: Callable[[int], int] | None = None) -> None:
         """Fold the pending micro-batch into the accumulators; with ``finalize`` also add
         ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``."""
-        c = self.clip_factors()
+        c = self.clip_factors() if self.uses else None
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:

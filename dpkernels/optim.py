@@ -90,6 +90,14 @@ class DPOptimizer:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear_pending()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` for either mode: in ``mode="low-memory"`` two passes (norms, then
+        clipped sums), which is the only way to run a backward in that mode."""
+        if self.engine.mode == "low-memory":
+            self.engine.two_pass_backward(loss)
+        else:
+            loss.backward()
+
     def accumulate(self) -> None:
         """Fold the last backward's clipped per-sample gradients into the accumulator."""
         self.engine.fold(finalize=False)
@@ -220,14 +228,21 @@ def make_private(
     backend: str = "auto",
     seed: int | None = None,
     norm_method: str = "auto",
+    mode: str = "fast",
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
     ``norm_method`` ("auto", "ghost", "direct") overrides the per-layer choice of how Linear
     and Conv norms are computed (for benchmarks; "auto" picks the cheaper one per layer).
+
+    ``mode="fast"`` (default): one backward; every captured layer's backprop is kept until
+    ``step()``/``accumulate()``.  ``mode="low-memory"``: call ``dp_opt.backward(loss)``
+    instead of ``loss.backward()``; it runs the backward twice (norms, then clipped sums folded
+    layer by layer), so backprops are not kept: about non-private memory for one more backward
+    pass of time.
     """
     engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                    backend=backend, norm_method=norm_method)
+                    backend=backend, norm_method=norm_method, mode=mode)
     engine.attach()
     try:
         return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,

@@ -63,7 +63,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
                  expected_batch_size=None, backend="reference", rtol=RTOL_F64,
-                 norm_method="auto", require_mixed_clipping=True):
+                 norm_method="auto", require_mixed_clipping=True, mode="fast"):
     """One DP step against the oracle; returns (norms, grads) of the engine.
 
     ``loss_fn(out, y)`` must take the reduction into account (mean or sum over the batch);
@@ -82,10 +82,10 @@ def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=max_grad_norm,
                                 expected_batch_size=expected_batch_size, loss_reduction=reduction,
-                                backend=backend, norm_method=norm_method, seed=0)
+                                backend=backend, norm_method=norm_method, seed=0, mode=mode)
     try:
         loss = loss_fn(model(x), y)
-        loss.backward()
+        dp.backward(loss)
         dp.step()
         assert rel_err(dp.per_sample_norms.to(norms.dtype), norms) <= rtol, (
             dp.per_sample_norms, norms)
