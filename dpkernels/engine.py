@@ -61,6 +61,7 @@ class Engine:
         self.mode = mode
         self.phase: str | None = None  # low-memory mode: "norms", then "sums"
         self.factors: torch.Tensor | None = None  # clip factors between the two passes
+        self.loss_scale = 1.0  # realised batch size ("mean") or 1 ("sum"), per micro-batch
         self.calls: dict[str, int] = {}  # forward calls per module in this micro-batch
         self.shared: set[nn.Parameter] = set()
         self.bypass = False  # True while the generic fallback re-runs a forward per sample
@@ -211,23 +212,23 @@ class Engine:
             )
         if self.batch_size is None:
             self.batch_size, self.first_module = batch_size, name
+            self.loss_scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         elif batch_size != self.batch_size:
             raise ValueError(
                 f"dpkernels: {name} saw a batch of {batch_size} samples but "
                 f"{self.first_module} saw {self.batch_size} in the same backward; every "
                 "captured layer needs the batch as its first dimension (batch_first=True)"
             )
-        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         if self.phase == "sums":
-            c = self.factors * scale
+            c = self.factors * self.loss_scale
             for p, use in uses:
                 self.acc[p] = use.clipped_sum(self.op, c, self.acc.get(p), 0.0, 0, 1.0)
             return
         # pass one of the low-memory mode keeps a use only if its parameter can be used again
         reused = self.calls.get(name, 0) > 1
+        # raw squared norms: the loss scale is applied once, in clip_factors
         for p, use in uses:
-            use.scale = scale
-            contrib = use.raw_norm(self.op) * (scale * scale)
+            contrib = use.raw_norm(self.op)
             earlier = self.uses.setdefault(p, [])
             for u in earlier:
                 contrib = contrib + 2.0 * cross(u, use, self.op)
@@ -275,7 +276,7 @@ class Engine:
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norms = self.norm_sq.clamp_min(0).sqrt()
+        norms = self.norm_sq.clamp_min(0).sqrt() * self.loss_scale
         self.last_norms = norms.detach()
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
@@ -284,6 +285,8 @@ class Engine:
         """Fold the pending micro-batch into the accumulators; with ``finalize`` also add
         ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``."""
         c = self.clip_factors() if self.uses else None
+        if c is not None:
+            c = c * self.loss_scale
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
@@ -293,7 +296,7 @@ class Engine:
             seed = seeds(i) if (finalize and seeds is not None) else 0
             for j, u in enumerate(uses):
                 last = finalize and j == len(uses) - 1
-                acc = u.clipped_sum(self.op, c * u.scale, acc, noise_std if last else 0.0,
+                acc = u.clipped_sum(self.op, c, acc, noise_std if last else 0.0,
                                     seed, scale if last else 1.0)
             if finalize:
                 if not uses:

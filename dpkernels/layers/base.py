@@ -2,9 +2,10 @@
 turns it into norms, cross terms and clipped sums.
 
 A ``Use`` holds the tensors its per-sample gradient is made of (for a Linear: the inputs
-``a`` and backprops ``g``) and the loss scale ``scale`` (the realised batch size for
-``loss_reduction="mean"``, 1 for ``"sum"``).  The per-sample gradient of the use is
-``scale * G_b`` where ``G_b`` is computed from the raw tensors.
+``a`` and backprops ``g``).  Everything here is "raw": the per-sample gradient of the use is
+``s * G_b`` with ``G_b`` computed from those tensors and ``s`` the engine's loss scale (the
+realised batch size for ``loss_reduction="mean"``, 1 for ``"sum"``), the same for every use
+of a micro-batch, so the engine applies it once.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ Op = Callable[..., torch.Tensor]
 
 
 class Use:
-    def __init__(self) -> None:
-        self.scale = 1.0
-
     def raw_norm(self, op: Op) -> torch.Tensor:
         """[B] ``||G_b||^2``."""
         return op("dense_norm", self.raw_dense(op))
@@ -33,25 +31,24 @@ class Use:
         return None
 
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
-        """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes ``self.scale``)."""
+        """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes the loss scale)."""
         return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
 
 
 def cross(u: Use, v: Use, op: Op) -> torch.Tensor:
-    """[B] ``<u_b, v_b>`` for two uses of one parameter, scales included."""
+    """[B] ``<G_b, G'_b>`` for two uses of one parameter (raw: no loss scale)."""
     r = u.raw_cross(v, op)
     if r is None:
         r = v.raw_cross(u, op)
     if r is None:
         r = op("dense_cross", u.raw_dense(op), v.raw_dense(op))
-    return r * (u.scale * v.scale)
+    return r
 
 
 class DenseUse(Use):
     """A use whose per-sample gradient is materialised: ``psg`` [B, *param.shape]."""
 
     def __init__(self, psg: torch.Tensor) -> None:
-        super().__init__()
         self.psg = psg
 
     def raw_dense(self, op: Op) -> torch.Tensor:
@@ -62,7 +59,6 @@ class LinearUse(Use):
     """``G_b = sum_t g_t a_t^T`` with ``a`` [B, T, d], ``g`` [B, T, p]."""
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> None:
-        super().__init__()
         self.a, self.g, self.method = a, g, method
 
     def raw_norm(self, op: Op) -> torch.Tensor:
@@ -85,7 +81,6 @@ class BiasUse(Use):
     """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases)."""
 
     def __init__(self, g: torch.Tensor) -> None:
-        super().__init__()
         self.g = g
 
     def raw_norm(self, op: Op) -> torch.Tensor:
