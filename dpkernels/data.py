@@ -236,7 +236,13 @@ def micro_batches(
     for batch in loader:
         pieces = split_batch(batch, max_physical_batch_size)
         for i, piece in enumerate(pieces):
-            yield piece
+            try:
+                yield piece
+            except GeneratorExit:
+                # the loop was left inside a logical batch: its partial sums must not leak
+                # into the next step
+                optimizer.discard()
+                raise
             if i < len(pieces) - 1:
                 optimizer.accumulate()
         optimizer.step()

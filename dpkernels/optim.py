@@ -90,6 +90,12 @@ class DPOptimizer:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear_pending()
 
+    def discard(self) -> None:
+        """Drop an unfinished logical batch: the backward not yet folded in and the clipped
+        sums accumulated since the last ``step()``."""
+        self.engine.clear_pending()
+        self.engine.acc.clear()
+
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` for either mode: in ``mode="low-memory"`` two passes (norms, then
         clipped sums), which is the only way to run a backward in that mode."""

@@ -152,3 +152,22 @@ def test_poisson_loader_rejects_batch_size():
     ds = torch.utils.data.TensorDataset(torch.randn(4, 2))
     with pytest.raises(TypeError, match="batch_size"):
         dpkernels.poisson_loader(ds, 0.5, batch_size=2)
+
+
+def test_leaving_micro_batches_early_discards_the_partial_batch():
+    from torch import nn
+
+    import dpkernels as dk
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    dp = dk.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0,
+                         max_grad_norm=1.0, expected_batch_size=8, seed=0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, dtype=torch.float64))
+    loader = dk.poisson_loader(data, sample_rate=0.5, seed=1, optimizer=dp)
+    for (x,) in dk.micro_batches(loader, dp, max_physical_batch_size=2):
+        model(x).sum().backward()
+        break  # mid logical batch: one micro-batch folded, one backward pending
+    assert not dp.engine.acc and not dp.engine.uses
+    dp.step()  # nothing stale: zero gradient (noise 0)
+    assert all(p.grad.abs().max() == 0 for p in model.parameters())
