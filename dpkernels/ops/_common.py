@@ -29,6 +29,48 @@ def autotune(configs: list[triton.Config], key: list[str], **kw):
     return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key, **kw)
 
 
+# Shared memory one program may use for its pipelined tl.dot operand tiles.  An H100 block
+# gets at most 227 KB; the rest is left for layout-conversion scratch and the tf32x3 operand
+# splits.  A config over it is at best a slow, spilling variant and at worst OutOfResources:
+# either way seconds of compile time spent while tuning.
+SMEM_BUDGET = 160 * 1024
+
+
+def smem_prune(rows: str, cols: str, inner: str, ptr: str):
+    """An ``early_config_prune`` for a kernel accumulating [rows, inner] @ [inner, cols] tiles
+    (block sizes named by config keys) of the element type of tensor argument ``ptr``: drops
+    the configs whose ``num_stages`` operand copies exceed SMEM_BUDGET, keeping the smallest
+    when none fits."""
+
+    def need(cfg: triton.Config, size: int) -> int:
+        k = cfg.kwargs
+        return cfg.num_stages * (k[rows] + k[cols]) * k[inner] * size
+
+    def prune(configs, named_args, **kwargs):
+        size = {**named_args, **kwargs}[ptr].element_size()
+        fit = [c for c in configs if need(c, size) <= SMEM_BUDGET]
+        return fit or [min(configs, key=lambda c: need(c, size))]
+
+    return prune
+
+
+def warps_prune(*blocks: str, per_thread: int = 32):
+    """An ``early_config_prune`` for a kernel holding a few float32 tiles of the shape given by
+    the constexpr arguments ``blocks``: drops the num_warps that would leave more than
+    ``per_thread`` elements of each tile per thread (a [1, 16384] row on 4 warps is 128
+    registers a tile: it spills, and ptxas takes long to find out), keeping the widest."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        tile = 1
+        for b in blocks:
+            tile *= args[b]
+        fit = [c for c in configs if tile <= per_thread * 32 * c.num_warps]
+        return fit or [max(configs, key=lambda c: c.num_warps)]
+
+    return prune
+
+
 def use_reference(*tensors: torch.Tensor | None) -> bool:
     """float64 inputs are the oracle's business: the launchers hand them to the reference."""
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
@@ -59,9 +101,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     """
     if dtype != torch.float32:
         return "tf32"
-    if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    if tf32_allowed() and not INTERPRET:
         return "tf32x3"
     return "ieee"
+
+
+def tf32_allowed() -> bool:
+    """Whether torch's float32 matmuls may use TF32.  torch >= 2.9 keeps the setting in
+    ``matmul.fp32_precision`` (which also reflects the legacy ``allow_tf32``); reading
+    ``allow_tf32`` there raises RuntimeError once the user has set the new API, so it is
+    read only on older torch."""
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is not None:
+        return prec == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def philox_seed(seed: int) -> int:
@@ -104,7 +158,7 @@ def gram_tile(x_ptr, sxb, sxt, sxk, y_ptr, syb, syt, syk, b, ri, rj, mi, mj, K,
               BLOCK_K: tl.constexpr):
     """[BT, BT] float32 ``x_{b,ri} . y_{b,rj}``: one tile of a per-sample Gram matrix, reduced
     over K in BLOCK_K chunks, never leaving the chip."""
-    ks = tl.arange(0, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: k * stride may pass 2^31 (strided views)
     gram = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks

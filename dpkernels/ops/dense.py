@@ -79,8 +79,10 @@ def _finish_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
     mask = offs < N
     x = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, S):
-        x += tl.load(part_ptr + s * N + offs, mask=mask, other=0.0)
+    po = offs  # int64 offsets into the next split's row (s * N would be int32 and may wrap)
+    for _ in range(0, S):
+        x += tl.load(part_ptr + po, mask=mask, other=0.0)
+        po += N
     finish_store(x, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale, HAS_ACC, HAS_NOISE)
 
 

@@ -27,6 +27,7 @@ from dpkernels.ops._common import (
     philox_seed,
     prepare_out,
     same_dtype,
+    smem_prune,
     upper_pairs,
     use_reference,
 )
@@ -49,7 +50,7 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
                              BLOCK_K: tl.constexpr):
     """T == 1: ``||W_b||^2 = ||a_b||^2 ||g_b||^2``; one program per sample."""
     b = tl.program_id(0).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: k * stride may pass 2^31 (strided views)
     sa = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         k = k0 + ks
@@ -72,7 +73,7 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
         triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
     ],
-    key=["T1", "T2", "d", "p", "BLOCK_T"],
+    key=["T1", "T2", "d", "p", "BLOCK_T", "PRECISION"],  # tf32x3 needs more registers and smem
 )
 @triton.jit
 def _linear_ghost_kernel(
@@ -118,7 +119,7 @@ def _linear_ghost_kernel(
         triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
-    key=["T1", "T2", "d", "p", "BLOCK_P", "BLOCK_D"],
+    key=["T1", "T2", "d", "p", "BLOCK_P", "BLOCK_D", "PRECISION"],
 )
 @triton.jit
 def _linear_direct_kernel(
@@ -140,7 +141,7 @@ def _linear_direct_kernel(
     cd = (q % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     mp = cp < p
     md = cd < d
-    ts = tl.arange(0, BLOCK_T)
+    ts = tl.arange(0, BLOCK_T).to(tl.int64)  # int64: t * stride may pass 2^31 (strided views)
 
     w1 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     for t0 in range(0, T1, BLOCK_T):
@@ -185,7 +186,7 @@ def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
     mp = cp < p
     acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         y = tl.load(g_ptr + b * sgb + t[:, None] * sgt + cp[None, :] * sgk,
                     mask=(t < T)[:, None] & mp[None, :], other=0.0).to(tl.float32)  # [BT, BP]
         acc += y
@@ -204,8 +205,12 @@ def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
         triton.Config({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8,
                       num_stages=3),
     ],
-    key=["R", "d", "p", "rows_per_split"],
+    key=["R", "d", "p", "rows_per_split", "PRECISION"],
     restore_value=["out_ptr"],
+    # 128 x 128 x 64 in three stages is 192 KB of float32 operand tiles (sm_90 build with
+    # triton 3.6: 164 KB and 5 KB of register spills with "ieee", 197 KB with "tf32x3"):
+    # 16-bit operands only
+    prune_configs_by={"early_config_prune": smem_prune("BLOCK_P", "BLOCK_D", "BLOCK_K", "a_ptr")},
 )
 @triton.jit
 def _linear_clipped_sum_kernel(

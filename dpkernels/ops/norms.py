@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 
 from dpkernels.dispatch import register
-from dpkernels.ops._common import INTERPRET, autotune, check_float, num_sms, use_reference
+from dpkernels.ops._common import (
+    INTERPRET,
+    autotune,
+    check_float,
+    num_sms,
+    use_reference,
+    warps_prune,
+)
 from dpkernels.reference import norms as ref
 
 MAX_ROW = 16384  # widest normalised row kept on chip; wider ones use the reference
@@ -32,6 +39,7 @@ MAX_GROUP_CHANNELS = 4096
         triton.Config({}, num_warps=16),
     ],
     key=["N", "BLOCK_M", "BLOCK_N"],
+    prune_configs_by={"early_config_prune": warps_prune("BLOCK_M", "BLOCK_N")},
 )
 @triton.jit
 def _row_norm_psg_kernel(
@@ -94,16 +102,16 @@ def _group_norm_psg_kernel(
     ch = tl.arange(0, BLOCK_C)
     mc = ch < Cg
     n = Cg * S
-    tot = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = mc[:, None] & (s < S)[None, :]
-        offs = base + ch[:, None] * S + s[None, :]
-        tot += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(tot, axis=1), axis=0) / n
     acc_w = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    if NEED_W:
+    if NEED_W:  # the statistics only serve gw: the bias alone needs one pass over g
+        tot = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = mc[:, None] & (s < S)[None, :]
+            offs = base + ch[:, None] * S + s[None, :]
+            tot += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(tot, axis=1), axis=0) / n
         sq = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
