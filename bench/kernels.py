@@ -3,6 +3,8 @@
 GEMM-like ops (linear_norm ghost and direct, linear_clipped_sum with noise) are timed
 against torch's weight-gradient GEMM of the same shape and dtype, ``g.T @ a`` over the B*T
 rows (what non-private training computes for the same layer): ratio = op time / GEMM time.
+The conv ops (conv_norm ghost and direct, conv_clipped_sum with noise) likewise against
+torch's conv weight gradient (``aten.convolution_backward``, cuDNN) of the same layer.
 Reductions (layer_norm_psg, group_norm_psg, embedding_norm) are reported as achieved
 bandwidth (the fewest bytes they must move: inputs read once, outputs written once, over
 the time), beside the card's measured copy bandwidth (bytes read + written by a large
@@ -35,7 +37,7 @@ from bench import common  # noqa: E402
 COLUMNS = ["date", "gpu", "torch", "triton", "git_sha", "op", "shape", "dtype", "provider",
            "ms_median", "ms_p20", "ms_p80", "ratio_or_bandwidth"]
 OPS = ("linear_norm", "linear_clipped_sum", "layer_norm_psg", "group_norm_psg",
-       "embedding_norm")
+       "embedding_norm", "conv_norm", "conv_clipped_sum")
 
 # The layers of the ANCHORS.md models.  linear: (B, T, d, p); layer norm: (B, T, d);
 # group norm: (B, C, H, W, groups); embedding: (B, T, p, vocab).
@@ -51,12 +53,17 @@ LAYER_NORM = {"gpt-ln": (16, 256, 768), "gpt-ln-T2048": (2, 2048, 768)}
 GROUP_NORM = {"cnn-gn1": (256, 64, 32, 32, 32), "cnn-gn3": (256, 128, 16, 16, 32),
               "cnn-gn5": (256, 256, 8, 8, 32)}
 EMBEDDING = {"gpt-tok": (16, 256, 768, 16384), "gpt-tok-T2048": (2, 2048, 768, 16384)}
+# conv 3x3 pad 1: (B, C_in, C_out, H = W)
+CONV = {"cnn-conv1": (256, 3, 64, 32), "cnn-conv2": (256, 64, 64, 32),
+        "cnn-conv3": (256, 64, 128, 16), "cnn-conv4": (256, 128, 128, 16),
+        "cnn-conv5": (256, 128, 256, 8)}
 
 SMOKE = {
     "linear": {"tiny": (2, 5, 12, 7)},
     "layer_norm": {"tiny": (2, 5, 12)},
     "group_norm": {"tiny": (2, 8, 3, 3, 4)},
     "embedding": {"tiny": (2, 5, 7, 11)},
+    "conv": {"tiny": (2, 3, 4, 5)},
 }
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -186,6 +193,38 @@ def bench_linear(b: Bench, dispatch, shapes, dtypes, have, ops) -> None:
                        baseline_ms=gemm[0])
 
 
+def bench_conv(b: Bench, dispatch, shapes, dtypes, have, ops) -> None:
+    torch = b.torch
+    for name, (B, C_in, C_out, S) in shapes.items():
+        for dt_name in dtypes:
+            if b.out_of_time():
+                print(f"  conv {name} {dt_name}: skipped (time budget spent)")
+                continue
+            dt = getattr(torch, DTYPES[dt_name])
+            shape = f"{name} B={B} C_in={C_in} C_out={C_out} {S}x{S} k3 p1"
+            x = b.randn(B, C_in, S, S, dtype=dt)
+            g = b.randn(B, C_out, S, S, dtype=dt, scale=1e-2)
+            w = b.randn(C_out, C_in, 3, 3, dtype=dt)
+            c = torch.rand(B, device=b.device, dtype=torch.float32)
+            conf = ((1, 1), (1, 1), (1, 1), 1)
+            wgrad = b.time(lambda x=x, g=g, w=w: torch.ops.aten.convolution_backward(
+                g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]))
+            flops = 2.0 * B * S * S * C_in * 9 * C_out
+            b.record("conv_weight_grad", shape, dt_name, "torch", wgrad, 1.0,
+                     f"{flops / (wgrad[0] * 1e-3) / 1e12:.1f} TFLOP/s")
+            jobs = []
+            if "conv_norm" in ops:
+                jobs += [(f"conv_norm[{m}]", "conv_norm", (x, g, w.shape, *conf, m), {})
+                         for m in ("ghost", "direct")]
+            if "conv_clipped_sum" in ops:
+                jobs.append(("conv_clipped_sum[noise]", "conv_clipped_sum",
+                             (x, g, c, w.shape, *conf),
+                             {"noise_std": 1.0, "seed": 0, "scale": 1.0 / B}))
+            for label, op, fargs, fkw in jobs:
+                run_op(b, dispatch, have, label, op, fargs, fkw, shape, dt_name,
+                       baseline_ms=wgrad[0])
+
+
 def run_op(b: Bench, dispatch, have, label, op, fargs, fkw, shape, dt_name, *,
            baseline_ms=None, nbytes=None, copy_gbs=None) -> None:
     """Time ``op`` on both providers; the Triton one is first checked against the reference
@@ -313,10 +352,10 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     if b.smoke:
-        lin, ln, gn, emb = (SMOKE["linear"], SMOKE["layer_norm"], SMOKE["group_norm"],
-                            SMOKE["embedding"])
+        lin, ln, gn, emb, cv = (SMOKE["linear"], SMOKE["layer_norm"], SMOKE["group_norm"],
+                                SMOKE["embedding"], SMOKE["conv"])
     else:
-        lin, ln, gn, emb = LINEAR, LAYER_NORM, GROUP_NORM, EMBEDDING
+        lin, ln, gn, emb, cv = LINEAR, LAYER_NORM, GROUP_NORM, EMBEDDING, CONV
     copy_gbs = bench_copy(b)
     # the reductions first: they are quick, and --time-budget then cuts linear shapes only
     red = [x if n in ops else {} for x, n in ((ln, "layer_norm_psg"), (gn, "group_norm_psg"),
@@ -324,10 +363,12 @@ def main(argv=None) -> int:
     bench_reductions(b, dispatch, red, dtypes, have, copy_gbs)
     if {"linear_norm", "linear_clipped_sum"} & set(ops):
         bench_linear(b, dispatch, lin, dtypes, have, ops)
+    if {"conv_norm", "conv_clipped_sum"} & set(ops):
+        bench_conv(b, dispatch, cv, dtypes, have, ops)
 
     print()
     print(f"Kernel times on {b.meta['gpu']} (ms; GEMM-like ops as a ratio of torch's weight-"
-          "gradient GEMM of the same shape and dtype, reductions in GB/s):")
+          "gradient GEMM or conv of the same shape and dtype, reductions in GB/s):")
     common.print_table(["op", "shape", "dtype", "provider", "ms median", "p20-p80",
                         "ratio or GB/s", "note"], b.rows)
     print(f"\n{len(b.rows)} rows in {time.monotonic() - b.t0:.0f} s"
