@@ -421,3 +421,31 @@ def test_instancenorm_running_stats_refused_even_without_parameters():
     with pytest.raises(ValueError, match=r"1 \(InstanceNorm1d\).*track_running_stats=False"):
         dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                expected_batch_size=4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_float32_clipping_bound_at_the_boundary(backend):
+    """float32 norms carry rounding error; with C set exactly to each sample's true (float64)
+    norm in turn, ``c_b * ||g_b||`` must still not exceed C: the norm margin covers it.  The
+    loss is scaled so that norms are ~1e3 and the 1e-6 in the clip factor cannot hide it."""
+    torch.manual_seed(0)
+    model32 = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5))
+    x = torch.randn(16, 6)
+    y = torch.randint(0, 5, (16,))
+
+    def ce(out, t):
+        return 1e3 * F.cross_entropy(out, t)
+
+    _, _, psg = oracle(copy.deepcopy(model32).double(), ce, x.double(), y, 1.0, 16, "mean")
+    true = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in psg.values()))
+    for b in range(16):
+        C = true[b].item()
+        model = copy.deepcopy(model32)
+        dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=16,
+                                    backend=backend)
+        ce(model(x), y).backward()
+        dp.step()
+        factors = dp.engine.last_factors.double()  # the c_b this step clipped with
+        assert (factors * true <= C).all(), (b, factors * true / C)
+        assert factors[b] < 1  # the boundary sample is (just) clipped

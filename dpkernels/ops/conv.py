@@ -18,7 +18,6 @@ zero padding: ``unfold`` (prod(k) times the input) is never materialised.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -40,6 +39,7 @@ from dpkernels.ops._common import (
 )
 from dpkernels.ops.dense import finish
 from dpkernels.reference import conv as ref
+from dpkernels.reference._common import cudnn_exact_fp32
 from dpkernels.reference.linear import choose_method
 
 # ---------------------------------------------------------------------------- kernels
@@ -257,26 +257,6 @@ def _cudnn_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-@contextlib.contextmanager
-def _cudnn_exact_fp32():
-    """Float32 convolutions without TF32 inside the block; the user's setting is restored."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if getattr(conv, "fp32_precision", None) is not None:
-        old = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-    else:
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
-
-
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot precision of the norm kernels: dot_precision's policy, except that float32
     follows torch's *convolution* setting (the norm replaces a conv weight gradient): where
@@ -382,7 +362,7 @@ def conv_clipped_sum(x, g, c, weight_shape, stride, padding, dilation, groups, a
         c = c.to(device=device, dtype=torch.float32)
         gs = g.float() * c.reshape(-1, *([1] * (n + 1)))
         w = torch.empty(weight_shape, dtype=torch.float32, device=device)  # only its shape
-        with _cudnn_exact_fp32():
+        with cudnn_exact_fp32():
             _, update, _ = torch.ops.aten.convolution_backward(
                 gs, x.float(), w, None, list(stride), list(padding), list(dilation), False,
                 [0] * n, groups, [False, True, False])

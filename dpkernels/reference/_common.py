@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Per-chunk budget (elements) for the intermediates the reference materialises, so that the
@@ -39,3 +41,23 @@ def finish(acc, update, noise_std: float, seed: int, scale: float) -> torch.Tens
     if scale != 1.0:
         out.mul_(scale)
     return out
+
+
+@contextlib.contextmanager
+def cudnn_exact_fp32():
+    """Float32 convolutions without TF32 inside the block; the user's setting is restored."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if getattr(conv, "fp32_precision", None) is not None:
+        old = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dpkernels.dispatch import register
-from dpkernels.reference._common import acc_dtype, chunks, finish
+from dpkernels.reference._common import acc_dtype, chunks, cudnn_exact_fp32, finish
 from dpkernels.reference.linear import choose_method
 
 
@@ -94,7 +94,9 @@ def conv_clipped_sum(x, g, c, weight_shape, stride, padding, dilation, groups, a
         gs = g.to(dt) * c.to(dt).reshape(-1, *([1] * (n + 1)))
         # only the weight's shape is read
         w = gs.new_empty(1).expand(weight_shape)
-        _, update, _ = torch.ops.aten.convolution_backward(
-            gs, x.to(dt), w, None, list(stride), list(padding), list(dilation), False,
-            [0] * n, groups, [False, True, False])
+        # no TF32 (torch's cuDNN default): the sum of clipped contributions stays float32-exact
+        with cudnn_exact_fp32():
+            _, update, _ = torch.ops.aten.convolution_backward(
+                gs, x.to(dt), w, None, list(stride), list(padding), list(dilation), False,
+                [0] * n, groups, [False, True, False])
     return finish(acc, update, noise_std, seed, scale)
