@@ -28,53 +28,14 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from kernel_check import DEVICE, EPS32, check, on_device, poison, rel  # noqa: E402, F401
+
 from dpkernels import dispatch  # noqa: E402
 from dpkernels.ops import dense, embedding, linear, norms  # noqa: E402
-from dpkernels.ops._common import INTERPRET  # noqa: E402
 from dpkernels.reference import dense as ref_dense  # noqa: E402
 from dpkernels.reference import embedding as ref_emb  # noqa: E402
 from dpkernels.reference import linear as ref_lin  # noqa: E402
 from dpkernels.reference import norms as ref_norms  # noqa: E402
-
-EPS32 = torch.finfo(torch.float32).eps
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def on_device():
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def check(out, ref64, ref32, what=""):
-    """The tolerance rule of this file (see the module docstring)."""
-    assert out.dtype == torch.float32, (what, out.dtype)
-    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
-    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten) elements"
-    if ref64.numel() == 0 or ref64.norm() == 0:
-        assert out.numel() == 0 or out.abs().max().item() == 0, what
-        return
-    err, base = rel(out, ref64), rel(ref32, ref64)
-    assert err <= 2 * base + 16 * EPS32, f"{what}: error {err:.3g}, torch float32 {base:.3g}"
 
 
 def pair(*ts):
