@@ -153,6 +153,21 @@ def mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def tile_pair(pid, n_pairs, n_tiles2, pairs_ptr, SYMMETRIC: tl.constexpr):
+    """(sample b, tile i, tile j) of program ``pid`` in a per-sample T1 x T2 tile grid: the
+    upper triangle i <= j from the pair table when SYMMETRIC, all pairs otherwise."""
+    b = pid // n_pairs
+    q = pid % n_pairs
+    if SYMMETRIC:
+        ti = tl.load(pairs_ptr + 2 * q).to(tl.int64)
+        tj = tl.load(pairs_ptr + 2 * q + 1).to(tl.int64)
+    else:
+        ti = q // n_tiles2
+        tj = q % n_tiles2
+    return b, ti, tj
+
+
+@triton.jit
 def gram_tile(x_ptr, sxb, sxt, sxk, y_ptr, syb, syt, syk, b, ri, rj, mi, mj, K,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_K: tl.constexpr):

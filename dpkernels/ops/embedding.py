@@ -20,6 +20,7 @@ from dpkernels.ops._common import (
     check_float,
     dot_precision,
     gram_tile,
+    tile_pair,
     upper_pairs,
     use_reference,
 )
@@ -50,14 +51,7 @@ def _embedding_ghost_kernel(
     """One (sample, t-tile, s-tile) block of ``sum_{t,s} [x1_t = x2_s] (g1_t.g2_s)``.
     SYMMETRIC (the norm): tiles i <= j, off-diagonal ones counted twice."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_pairs
-    q = pid % n_pairs
-    if SYMMETRIC:
-        ti = tl.load(pairs_ptr + 2 * q).to(tl.int64)
-        tj = tl.load(pairs_ptr + 2 * q + 1).to(tl.int64)
-    else:
-        ti = q // n_tiles2
-        tj = q % n_tiles2
+    b, ti, tj = tile_pair(pid, n_pairs, n_tiles2, pairs_ptr, SYMMETRIC)
     ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     mi = ri < T1

@@ -28,6 +28,7 @@ from dpkernels.ops._common import (
     prepare_out,
     same_dtype,
     smem_prune,
+    tile_pair,
     upper_pairs,
     use_reference,
 )
@@ -90,14 +91,7 @@ def _linear_ghost_kernel(
     from the pair table, off-diagonal ones counted twice.  Otherwise all T1 x T2 tile pairs.
     """
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_pairs
-    q = pid % n_pairs
-    if SYMMETRIC:
-        ti = tl.load(pairs_ptr + 2 * q).to(tl.int64)
-        tj = tl.load(pairs_ptr + 2 * q + 1).to(tl.int64)
-    else:
-        ti = q // n_tiles2
-        tj = q % n_tiles2
+    b, ti, tj = tile_pair(pid, n_pairs, n_tiles2, pairs_ptr, SYMMETRIC)
     ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] rows of use 1
     rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] rows of use 2
     mi = ri < T1
