@@ -290,9 +290,29 @@ class Engine:
         return self.last_factors
 
     def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,
-             seeds: Callable[[int], int] | None = None) -> None:
+             seeds: Callable[[int], int] | None = None,
+             reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Fold the pending micro-batch into the accumulators; with ``finalize`` also add
-        ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``."""
+        ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``.
+
+        ``reduce`` (data-parallel training) sums a flat buffer of every clipped sum across
+        processes in place before the noise, which is then the same on every process (same
+        seeds), so it is added once to the global sum."""
+        if finalize and reduce is not None:
+            self.fold(finalize=False)
+            trainable = [p for p in self.params if p.requires_grad]
+            for p in trainable:
+                if p not in self.acc:
+                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    self.acc[p] = torch.zeros(p.shape, dtype=dt, device=p.device)
+            for dt in {self.acc[p].dtype for p in trainable}:
+                group = [p for p in trainable if self.acc[p].dtype == dt]
+                flat = torch.cat([self.acc[p].reshape(-1) for p in group])
+                reduce(flat)
+                for p, part in zip(group, flat.split([p.numel() for p in group])):
+                    self.acc[p].copy_(part.view(self.acc[p].shape))
+            # nothing is pending now: the finalising pass only adds noise and scales
+            return self.fold(finalize=True, noise_std=noise_std, scale=scale, seeds=seeds)
         c = self.clip_factors() if self.uses else None
         if c is not None:
             c = c * self.loss_scale

@@ -31,6 +31,7 @@ class DPOptimizer:
         expected_batch_size: int | None,
         loss_reduction: str = "mean",
         seed: int | None = None,
+        distributed: bool = False,
     ) -> None:
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -47,6 +48,9 @@ class DPOptimizer:
         self.loss_reduction = loss_reduction
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self.distributed = distributed
+        if distributed:
+            seed = _broadcast_seed(seed, engine.params)
         self.seed = int(seed)
         self.steps = 0
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
@@ -120,7 +124,8 @@ class DPOptimizer:
         def seeds(i: int) -> int:
             return derive_seed(self.seed, step, i)
 
-        self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds)
+        reduce = _all_reduce_sum if self.distributed else None
+        self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds, reduce=reduce)
         self.steps += 1
         self._log_step(self.sample_rate)
         self.original_optimizer.step()
@@ -223,6 +228,28 @@ class DPOptimizer:
                 f"wrapping {self.original_optimizer!r})")
 
 
+def _broadcast_seed(seed: int, params) -> int:
+    """Every process must draw the same noise (it is added once, to the summed gradient):
+    rank 0's seed wins."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "dpkernels: distributed=True needs torch.distributed to be initialised first "
+            "(torch.distributed.init_process_group)"
+        )
+    device = params[0].device if params and dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -235,6 +262,7 @@ def make_private(
     seed: int | None = None,
     norm_method: str = "auto",
     mode: str = "fast",
+    distributed: bool = False,
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -246,6 +274,12 @@ def make_private(
     instead of ``loss.backward()``; it runs the backward twice (norms, then clipped sums folded
     layer by layer), so backprops are not kept: about non-private memory for one more backward
     pass of time.
+
+    ``distributed=True`` (data-parallel training; do not wrap the model in
+    DistributedDataParallel): each process clips its own samples, ``step()`` sums the clipped
+    sums across processes (one all-reduce) and adds the noise once, from a seed shared by
+    rank 0.  ``expected_batch_size`` is then the global one; feed each process its share of
+    every logical Poisson batch (``PoissonBatchSampler(..., rank=, world_size=, seed=)``).
     """
     engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                     backend=backend, norm_method=norm_method, mode=mode)
@@ -253,7 +287,7 @@ def make_private(
     try:
         return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
                            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                           loss_reduction=loss_reduction, seed=seed)
+                           loss_reduction=loss_reduction, seed=seed, distributed=distributed)
     except Exception:
         engine.detach()
         raise

@@ -1,0 +1,87 @@
+"""distributed=True: two gloo processes on CPU, each with half of every logical batch, give
+exactly the gradient (noise included) of one process with the whole batch."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import dpkernels
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,),
+                                                                                 generator=g)
+
+
+KW = dict(noise_multiplier=0.7, max_grad_norm=0.2, expected_batch_size=10, backend="reference")
+
+
+def _worker(rank, world, init_file, out_dir, mode):
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        m = model()
+        dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0),
+                                    seed=1234 if rank == 0 else 99, distributed=True, mode=mode,
+                                    **KW)
+        x, y = data()
+        for step in range(2):
+            mine = slice(rank, None, world)  # this rank's share of the logical batch
+            if step == 1 and rank == 1:
+                mine = slice(0, 0)  # an empty share: the rank still takes part in the step
+            xs, ys = x[mine], y[mine]
+            if len(xs):
+                dp.backward(F.cross_entropy(m(xs), ys, reduction="sum") * (1.0 / len(xs)))
+            dp.step()
+            torch.save([p.grad for p in m.parameters()], f"{out_dir}/r{rank}s{step}.pt")
+            dp.zero_grad()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["fast", "low-memory"])
+def test_two_processes_equal_one(tmp_path, mode):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2,
+             join=True)
+    m = model()
+    dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), seed=1234, **KW)
+    x, y = data()
+    for step in range(2):
+        keep = torch.ones(10, dtype=torch.bool)
+        if step == 1:
+            keep[1::2] = False  # what rank 1 did not contribute in step 1
+        # the ranks' per-sample losses are CE_b, as in a sum over the kept samples; the
+        # engine is told so (the step still divides by expected_batch_size: "mean")
+        dp.engine.loss_reduction = "sum"
+        F.cross_entropy(m(x[keep]), y[keep], reduction="sum").backward()
+        dp.step()
+        dp.engine.loss_reduction = "mean"
+        ref = [p.grad for p in m.parameters()]
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"r{rank}s{step}.pt")
+            for a, b in zip(got, ref):  # float64: only summation order differs
+                err = ((a - b).norm() / b.norm()).item()
+                assert err < 1e-12, (rank, step, err)
+        dp.zero_grad()
+
+
+def test_distributed_needs_init():
+    m = model()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), distributed=True,
+                               **KW)
