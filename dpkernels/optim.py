@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from dpkernels.engine import Engine, derive_seed
 
 
-class DPOptimizer:
+class DPOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; the model's per-sample gradients come from the attached engine.
 
     ``step()`` folds the last micro-batch (clip factors from the per-sample norms, the clipped
@@ -41,6 +42,14 @@ class DPOptimizer:
                 "(sample_rate * dataset size under Poisson sampling)"
             )
         self.original_optimizer = optimizer
+        # A torch.optim.Optimizer to the outside (learning-rate schedulers check isinstance),
+        # but its state, groups and defaults are the wrapped optimizer's: Optimizer.__init__
+        # is not called, only the hook tables its methods expect are set up.
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                      "_optimizer_load_state_dict_pre_hooks",
+                      "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, OrderedDict())
         self.engine = engine
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
@@ -74,6 +83,17 @@ class DPOptimizer:
     @property
     def param_groups(self):
         return self.original_optimizer.param_groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if p.requires_grad and id(p) not in self._managed:
+                raise ValueError(
+                    "dpkernels: add_param_group got a parameter that is not part of the model "
+                    "given to make_private; its gradient would not be clipped"
+                )
+        self.original_optimizer.add_param_group(param_group)
 
     @property
     def state(self):

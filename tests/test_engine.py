@@ -449,3 +449,21 @@ def test_float32_clipping_bound_at_the_boundary(backend):
         factors = dp.engine.last_factors.double()  # the c_b this step clipped with
         assert (factors * true <= C).all(), (b, factors * true / C)
         assert factors[b] < 1  # the boundary sample is (just) clipped
+
+
+def test_learning_rate_schedulers_and_param_groups():
+    model = mlp()
+    dp = private(model, noise_multiplier=0.0)
+    for g in dp.param_groups:
+        g["lr"] = 0.1
+    assert isinstance(dp, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.StepLR(dp, step_size=1, gamma=0.5)
+    x, y = data()
+    for _ in range(3):
+        ce(model(x), y).backward()
+        dp.step()
+        dp.zero_grad()
+        sched.step()
+    assert dp.original_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    with pytest.raises(ValueError, match="not part of the model"):
+        dp.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
