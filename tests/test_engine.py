@@ -467,3 +467,23 @@ def test_learning_rate_schedulers_and_param_groups():
     assert dp.original_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     with pytest.raises(ValueError, match="not part of the model"):
         dp.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_generic_fallback_refuses_dropout_in_training():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    model = Attn().double()
+    with pytest.warns(UserWarning):
+        dp = private(model)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"mha \(MultiheadAttention\).*dropout"):
+        model(x)
+    model.eval()  # no dropout in eval mode: fine
+    model(x)
+    dp.zero_grad()

@@ -38,6 +38,15 @@ class GenericHandler:
         own = self.own_params(module)
         if not own or not torch.is_grad_enabled():
             return orig(*args, **kwargs)
+        if module.training and _random_dropout(module):
+            # the per-sample re-run would draw other dropout masks than this forward did, and
+            # the per-sample gradients would be silently wrong
+            raise ValueError(
+                f"dpkernels: {name} ({type(module).__name__}) uses the generic per-sample "
+                "fallback, which re-runs its forward per sample, and it applies dropout, whose "
+                "masks cannot be replayed; set its dropout to 0 (for attention, build it from "
+                "nn.Linear and F.scaled_dot_product_attention, which are captured exactly)"
+            )
         engine.on_forward(name)
         blocked = {n: _BlockGrad.apply(p) for n, p in own.items()}
         with engine.bypassed() if self.whole_module else _nullctx():
@@ -100,6 +109,13 @@ class GenericHandler:
 
         with torch.enable_grad():
             return torch.func.vmap(one)(bvals, g)
+
+
+def _random_dropout(module: nn.Module) -> bool:
+    """Dropout with p > 0 inside ``module`` (nn.Dropout* children, or MultiheadAttention's own)."""
+    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        return True
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
 class _BlockGrad(torch.autograd.Function):
