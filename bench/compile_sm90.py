@@ -110,6 +110,7 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
         a, g = R(B, T, d, dt=dt), R(B, T, p, dt=dt)
         for m in ["ghost", "direct"]:
             linear.linear_norm(a, g, m)
+            linear.linear_norms(a, g, m, True)
         linear.linear_cross(a, g, R(B, T + 5, d, dt=dt), R(B, T + 5, p, dt=dt))
         linear.linear_cross(a[:, :5], g[:, :5], a[:, :9], g[:, :9])
         linear.linear_bias_norm(g)
@@ -154,6 +155,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 a, g, c = R(3, 200, 300), R(3, 200, 260), torch.rand(3)
 for m in ["ghost", "direct"]:
     linear.linear_norm(a, g, m)
+    linear.linear_norms(a, g, m, True)
 linear.linear_clipped_sum(a, g, c)
 linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)

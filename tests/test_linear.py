@@ -1,7 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import ce, check_engine, mse
 from torch import nn
+
+import dpkernels
 
 torch.set_default_dtype(torch.float32)
 
@@ -49,3 +52,31 @@ def test_frozen_parameters_untouched():
     x = torch.randn(6, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     check_engine(m, ce("mean"), x, y)
+
+
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+@pytest.mark.parametrize("mode", ["fast", "low-memory"])
+def test_norm_ops_per_linear(frozen, mode):
+    """Weight and bias trainable: both norms from one linear_norms call (one pass over g);
+    one of them frozen: only the other's norm; the low-memory sums pass: no norm at all."""
+    m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    if frozen is not None:
+        for layer in (m[0], m[2]):
+            getattr(layer, frozen).requires_grad_(False)
+    dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                                expected_batch_size=4, mode=mode)
+    calls = []
+    op = dp.engine.op
+
+    def spy(name, *args, **kwargs):
+        calls.append((dp.engine.phase, name))
+        return op(name, *args, **kwargs)
+
+    dp.engine.op = spy
+    x = torch.randn(4, 5, dtype=torch.float64)
+    dp.backward(F.cross_entropy(m(x), torch.tensor([0, 1, 2, 0])))
+    dp.step()
+    norm_ops = {"linear_norms", "linear_norm", "linear_bias_norm"}
+    want = {None: "linear_norms", "weight": "linear_bias_norm", "bias": "linear_norm"}[frozen]
+    first = "norms" if mode == "low-memory" else None
+    assert [c for c in calls if c[1] in norm_ops] == [(first, want)] * 2

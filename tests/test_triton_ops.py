@@ -77,6 +77,56 @@ def test_linear_norm_strided_bf16(method):
           ref_lin.linear_norm(a32, g32, method))
 
 
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
+@pytest.mark.parametrize("method", ["ghost", "direct", "auto"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["w", "w+b"])
+@pytest.mark.parametrize("mean", [0.0, 0.3], ids=["g0", "g.3"])
+def test_linear_norms(B, T, d, p, method, with_bias, mean):
+    # mean 0.3: sum_t g_t != sum_t ||g_t|| matters; mean 0: sum_t g_t cancels (in the ghost
+    # kernel the bias norm is a sum of Gram entries that cancel too)
+    a, g = torch.randn(B, T, d), torch.randn(B, T, p) + mean
+    w, bn = linear.linear_norms(a, g, method, with_bias)
+    w64, b64 = ref_lin.linear_norms(a.double(), g.double(), method, with_bias)
+    w32, b32 = ref_lin.linear_norms(a, g, method, with_bias)
+    check(w, w64, w32, f"{method} weight")
+    if with_bias:
+        check(bn, b64, b32, f"{method} bias")
+    else:
+        assert bn is None
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_linear_norms_bf16_strided(method):
+    a = torch.randn(3, 35, 33).transpose(1, 2).to(torch.bfloat16)  # [3, 33, 35], T stride 1
+    g = (torch.randn(3, 33, 18) + 0.2).to(torch.bfloat16)
+    (a64, g64), (a32, g32) = pair(a, g)
+    w, bn = linear.linear_norms(a, g, method, True)
+    w64, b64 = ref_lin.linear_norms(a64, g64, method, True)
+    w32, b32 = ref_lin.linear_norms(a32, g32, method, True)
+    check(w, w64, w32, "weight")
+    check(bn, b64, b32, "bias")
+
+
+@pytest.mark.parametrize("d,p", [(70, 100), (20, 40)], ids=["d70-p100", "d20-p40"])
+def test_linear_norms_direct_tiles(d, p):
+    # one or several d-tiles per p-tile: only the d-tile-0 programs write bias partials, and
+    # every (sample, p-tile) slot is written
+    a, g = torch.randn(2, 9, d), torch.randn(2, 9, p) + 0.1
+    w, bn = linear.linear_norms(a, g, "direct", True)
+    w64, b64 = ref_lin.linear_norms(a.double(), g.double(), "direct", True)
+    w32, b32 = ref_lin.linear_norms(a, g, "direct", True)
+    check(w, w64, w32, "weight")
+    check(bn, b64, b32, "bias")
+
+
+def test_linear_norms_no_inputs():
+    # d == 0: no weight, but the bias still has a gradient
+    a, g = torch.randn(3, 4, 0), torch.randn(3, 4, 5)
+    w, bn = linear.linear_norms(a, g, "auto", True)
+    assert torch.equal(w, torch.zeros(3))
+    check(bn, ref_lin.linear_bias_norm(g.double()), ref_lin.linear_bias_norm(g))
+
+
 @pytest.mark.parametrize("T1,T2,d,p", [(5, 9, 40, 36), (70, 33, 6, 5)],
                          ids=["ghost-cheaper", "direct-cheaper"])
 def test_linear_cross(T1, T2, d, p):
@@ -86,8 +136,8 @@ def test_linear_cross(T1, T2, d, p):
     r64 = ref_lin.linear_cross(a1.double(), g1.double(), a2.double(), g2.double())
     r32 = ref_lin.linear_cross(a1, g1, a2, g2)
     check(linear.linear_cross(a1, g1, a2, g2), r64, r32, "auto")
-    check(linear._ghost(a1, g1, a2, g2, symmetric=False), r64, r32, "ghost")
-    check(linear._direct(a1, g1, a2, g2), r64, r32, "direct")
+    check(linear._ghost(a1, g1, a2, g2, symmetric=False)[0], r64, r32, "ghost")
+    check(linear._direct(a1, g1, a2, g2)[0], r64, r32, "direct")
 
 
 @pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
@@ -159,13 +209,16 @@ def test_float64_goes_to_reference():
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref_lin.linear_norm(a, g), rtol=0, atol=0)
     assert linear.linear_clipped_sum(a, g, c).dtype == torch.float64
+    w, bn = linear.linear_norms(a, g, "auto", True)
+    assert w.dtype == bn.dtype == torch.float64
+    torch.testing.assert_close(bn, ref_lin.linear_bias_norm(g), rtol=0, atol=0)
 
 
 def test_registered():
-    for name in ["linear_norm", "linear_cross", "linear_bias_norm", "linear_clipped_sum",
-                 "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise", "embedding_norm",
-                 "embedding_cross", "embedding_clipped_sum", "layer_norm_psg", "rms_norm_psg",
-                 "group_norm_psg"]:
+    for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
+                 "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
+                 "embedding_norm", "embedding_cross", "embedding_clipped_sum", "layer_norm_psg",
+                 "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
         assert backend == "triton" and fn.__module__.startswith("dpkernels.ops"), name
 

@@ -56,12 +56,16 @@ class DenseUse(Use):
 
 
 class LinearUse(Use):
-    """``G_b = sum_t g_t a_t^T`` with ``a`` [B, T, d], ``g`` [B, T, p]."""
+    """``G_b = sum_t g_t a_t^T`` with ``a`` [B, T, d], ``g`` [B, T, p].  ``norm``: its [B]
+    ``||G_b||^2`` when already computed (with the bias's, in one pass over ``g``)."""
 
-    def __init__(self, a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> None:
-        self.a, self.g, self.method = a, g, method
+    def __init__(self, a: torch.Tensor, g: torch.Tensor, method: str = "auto",
+                 norm: torch.Tensor | None = None) -> None:
+        self.a, self.g, self.method, self.norm = a, g, method, norm
 
     def raw_norm(self, op: Op) -> torch.Tensor:
+        if self.norm is not None:
+            return self.norm
         return op("linear_norm", self.a, self.g, self.method)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
@@ -78,12 +82,15 @@ class LinearUse(Use):
 
 
 class BiasUse(Use):
-    """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases)."""
+    """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases).  ``norm``: its [B]
+    ``||G_b||^2`` when already computed."""
 
-    def __init__(self, g: torch.Tensor) -> None:
-        self.g = g
+    def __init__(self, g: torch.Tensor, norm: torch.Tensor | None = None) -> None:
+        self.g, self.norm = g, norm
 
     def raw_norm(self, op: Op) -> torch.Tensor:
+        if self.norm is not None:
+            return self.norm
         return op("linear_bias_norm", self.g)
 
     def raw_dense(self, op: Op) -> torch.Tensor:

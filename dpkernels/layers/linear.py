@@ -69,11 +69,17 @@ class LinearHandler:
             T = math.prod(x_saved.shape[1:-1])  # explicit: B = 0 makes -1 ambiguous
             a2 = x_saved.reshape(B, T, d)
             g2 = g.reshape(B, T, p)
+            w_on, b_on = w.requires_grad, b is not None and b.requires_grad
+            w_norm = b_norm = None
+            # Both trainable: both norms from one pass over g.  The low-memory mode's second
+            # pass ("sums") needs no norms at all.
+            if w_on and b_on and engine.phase != "sums":
+                w_norm, b_norm = engine.op("linear_norms", a2, g2, engine.norm_method, True)
             uses = []
-            if w.requires_grad:
-                uses.append((w, LinearUse(a2, g2, engine.norm_method)))
-            if b is not None and b.requires_grad:
-                uses.append((b, BiasUse(g2)))
+            if w_on:
+                uses.append((w, LinearUse(a2, g2, engine.norm_method, norm=w_norm)))
+            if b_on:
+                uses.append((b, BiasUse(g2, norm=b_norm)))
             engine.record(name, B, uses)
 
         dt, (xc, wc, bc) = cast_for_autocast(x, w, b)

@@ -4,7 +4,8 @@ two uses of one weight, and the clipped sums with the noise epilogue.
 Shapes: ``a`` [B, T, d] inputs, ``g`` [B, T, p] backprops, ``c`` [B] clip factors.  The
 per-sample weight gradient is ``W_b = sum_t g_t a_t^T`` (p x d); no kernel ever writes it
 out, nor a [B, T, T] Gram matrix.  Norm kernels write one float32 partial per program into a
-small [B, programs] buffer that torch sums (deterministic, no atomics).
+small [B, programs] buffer that torch sums (deterministic, no atomics).  A Linear with a bias
+gets its bias norm ``||sum_t g_t||^2`` from the same pass over g (``linear_norms``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from dpkernels.reference import linear as ref
     key=["d", "p"],
 )
 @triton.jit
-def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
-                             BLOCK_K: tl.constexpr):
-    """T == 1: ``||W_b||^2 = ||a_b||^2 ||g_b||^2``; one program per sample."""
+def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, bias_ptr, d, p, sab, sak, sgb, sgk,
+                             WITH_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """T == 1: ``||W_b||^2 = ||a_b||^2 ||g_b||^2``; one program per sample.  WITH_BIAS: the
+    bias norm ``||g_b||^2`` too."""
     b = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: k * stride may pass 2^31 (strided views)
     sa = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -62,7 +64,10 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
         k = k0 + ks
         y = tl.load(g_ptr + b * sgb + k * sgk, mask=k < p, other=0.0).to(tl.float32)
         sg += y * y
-    tl.store(out_ptr + b, tl.sum(sa, axis=0) * tl.sum(sg, axis=0))
+    g_sq = tl.sum(sg, axis=0)
+    tl.store(out_ptr + b, tl.sum(sa, axis=0) * g_sq)
+    if WITH_BIAS:
+        tl.store(bias_ptr + b, g_sq)
 
 
 # Tile sizes that fix the grid (and so the partial buffer) are chosen by the launcher; the
@@ -78,17 +83,19 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, d, p, sab, sak, sgb, sgk,
 )
 @triton.jit
 def _linear_ghost_kernel(
-    a1_ptr, g1_ptr, a2_ptr, g2_ptr, pairs_ptr, part_ptr,
+    a1_ptr, g1_ptr, a2_ptr, g2_ptr, pairs_ptr, part_ptr, bias_part_ptr,
     T1, T2, d, p, n_pairs, n_tiles2,
     sa1b, sa1t, sa1k, sg1b, sg1t, sg1k,
     sa2b, sa2t, sa2k, sg2b, sg2t, sg2k,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    SYMMETRIC: tl.constexpr, WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (sample, t-tile, s-tile) block of ``sum_{t,s} (a1_t.a2_s)(g1_t.g2_s)``.
 
     Both Gram tiles live on chip only.  SYMMETRIC (the norm, a2 = a1, g2 = g1): tiles i <= j
     from the pair table, off-diagonal ones counted twice.  Otherwise all T1 x T2 tile pairs.
+    WITH_BIAS (SYMMETRIC only): also this block's share of the bias norm
+    ``||sum_t g_t||^2 = sum_{t,s} g_t.g_s``, the sum of the g Gram tile, into ``bias_part``.
     """
     pid = tl.program_id(0).to(tl.int64)
     b, ti, tj = tile_pair(pid, n_pairs, n_tiles2, pairs_ptr, SYMMETRIC)
@@ -104,6 +111,9 @@ def _linear_ghost_kernel(
     if SYMMETRIC:
         s = s * tl.where(ti == tj, 1.0, 2.0)
     tl.store(part_ptr + pid, s)
+    if WITH_BIAS:
+        sb = tl.sum(tl.sum(gram_g, axis=1), axis=0) * tl.where(ti == tj, 1.0, 2.0)
+        tl.store(bias_part_ptr + pid, sb)
 
 
 @autotune(
@@ -117,17 +127,20 @@ def _linear_ghost_kernel(
 )
 @triton.jit
 def _linear_direct_kernel(
-    a1_ptr, g1_ptr, a2_ptr, g2_ptr, part_ptr,
+    a1_ptr, g1_ptr, a2_ptr, g2_ptr, part_ptr, bias_part_ptr,
     T1, T2, d, p, n_tiles, n_tiles_d,
     sa1b, sa1t, sa1k, sg1b, sg1t, sg1k,
     sa2b, sa2t, sa2k, sg2b, sg2t, sg2k,
-    SECOND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    SECOND: tl.constexpr, WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """One (sample, p-tile, d-tile) block of ``W_b = sum_t g_t a_t^T``, squared and summed on
     chip (or, with SECOND, multiplied by the same block of the second use's ``W'_b``).
 
-    The T reduction is not split: partial sums of W cannot be squared separately."""
+    The T reduction is not split: partial sums of W cannot be squared separately.
+    WITH_BIAS (not SECOND): the programs of d-tile 0 also sum the g tiles they stream over t
+    and write ``||sum_t g_t||^2`` over their p-tile into ``bias_part`` [B, p-tiles]."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     q = pid % n_tiles
@@ -138,6 +151,10 @@ def _linear_direct_kernel(
     ts = tl.arange(0, BLOCK_T).to(tl.int64)  # int64: t * stride may pass 2^31 (strided views)
 
     w1 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    if WITH_BIAS:
+        # [BP, BT] running sum of the g tiles, reduced over t after the loop: a tl.sum inside
+        # the loop trips an assertion in triton 3.6's OptimizeThreadLocality pass (float32)
+        g_acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=tl.float32)
     for t0 in range(0, T1, BLOCK_T):
         t = t0 + ts
         mt = t < T1
@@ -146,6 +163,8 @@ def _linear_direct_kernel(
         x = tl.load(a1_ptr + b * sa1b + t[:, None] * sa1t + cd[None, :] * sa1k,
                     mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
         w1 = mma(gt, x, w1, UPCAST, PRECISION)
+        if WITH_BIAS:
+            g_acc += gt.to(tl.float32)
     if SECOND:
         w2 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for t0 in range(0, T2, BLOCK_T):
@@ -160,6 +179,12 @@ def _linear_direct_kernel(
     else:
         s = tl.sum(tl.sum(w1 * w1, axis=1), axis=0)
     tl.store(part_ptr + pid, s)
+    if WITH_BIAS:
+        # every d-tile streams the same g tiles: one of them writes, so each (sample, p-tile)
+        # slot is written once; pid // n_tiles_d is that slot (b * p-tiles + p-tile)
+        if q % n_tiles_d == 0:
+            beta = tl.sum(g_acc, axis=1)  # [BP] sum_t g_t over this p-tile
+            tl.store(bias_part_ptr + pid // n_tiles_d, tl.sum(beta * beta, axis=0))
 
 
 @autotune(
@@ -283,73 +308,102 @@ def _tile(n: int, big: int) -> int:
     return big if (not INTERPRET and n >= big) else 32
 
 
-def _row_norm_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _row_norm_product(a: torch.Tensor, g: torch.Tensor,
+                      with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, _, d = a.shape
-    out = torch.empty(B, dtype=torch.float32, device=a.device)
-    _row_norm_product_kernel[(B,)](a_ptr=a, g_ptr=g, out_ptr=out, d=d, p=g.shape[-1],
-                                   sab=a.stride(0), sak=a.stride(2),
-                                   sgb=g.stride(0), sgk=g.stride(2))
-    return out
+    out = torch.empty(1 + with_bias, B, dtype=torch.float32, device=a.device)
+    _row_norm_product_kernel[(B,)](a_ptr=a, g_ptr=g, out_ptr=out[0], bias_ptr=out[-1], d=d,
+                                   p=g.shape[-1], sab=a.stride(0), sak=a.stride(2),
+                                   sgb=g.stride(0), sgk=g.stride(2), WITH_BIAS=with_bias)
+    return out[0], (out[1] if with_bias else None)
 
 
-def _ghost(a1, g1, a2, g2, symmetric: bool) -> torch.Tensor:
+def _ghost(a1, g1, a2, g2, symmetric: bool,
+           with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``sum_{t,s} (a1_t.a2_s)(g1_t.g2_s)``, with_bias and symmetric: ``||sum_t g1_t||^2``)."""
     B, T1, d = a1.shape
     T2, p = a2.shape[1], g1.shape[-1]
     BLOCK_T = _tile(min(T1, T2), 64)
     n1, n2 = triton.cdiv(T1, BLOCK_T), triton.cdiv(T2, BLOCK_T)
     n_pairs = n1 * (n1 + 1) // 2 if symmetric else n1 * n2
-    part = torch.empty(B * n_pairs, dtype=torch.float32, device=a1.device)
+    part = torch.empty(1 + with_bias, B * n_pairs, dtype=torch.float32, device=a1.device)
     pairs = upper_pairs(n1, a1.device) if symmetric else part  # unused when not symmetric
     _linear_ghost_kernel[(B * n_pairs,)](
-        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, pairs_ptr=pairs, part_ptr=part,
+        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, pairs_ptr=pairs, part_ptr=part[0],
+        bias_part_ptr=part[-1],
         T1=T1, T2=T2, d=d, p=p, n_pairs=n_pairs, n_tiles2=n2,
         **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
-        SYMMETRIC=symmetric, UPCAST=INTERPRET, PRECISION=dot_precision(a1.dtype),
-        BLOCK_T=BLOCK_T,
+        SYMMETRIC=symmetric, WITH_BIAS=with_bias and symmetric, UPCAST=INTERPRET,
+        PRECISION=dot_precision(a1.dtype), BLOCK_T=BLOCK_T,
     )
-    return part.view(B, n_pairs).sum(1)
+    sums = part.view(-1, B, n_pairs).sum(-1)  # [1 or 2, B]
+    return sums[0], (sums[1] if with_bias and symmetric else None)
 
 
-def _direct(a1, g1, a2=None, g2=None) -> torch.Tensor:
+def _direct(a1, g1, a2=None, g2=None,
+            with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``<W1_b, W2_b>`` or ``||W1_b||^2``, with_bias and one use: ``||sum_t g1_t||^2``)."""
     B, T1, d = a1.shape
     p = g1.shape[-1]
     second = a2 is not None
     if not second:
         a2, g2 = a1, g1
+    with_bias = with_bias and not second
     BLOCK_P, BLOCK_D = _tile(p, 64), _tile(d, 64)
     n_tiles_d = triton.cdiv(d, BLOCK_D)
-    n_tiles = triton.cdiv(p, BLOCK_P) * n_tiles_d
+    n_tiles_p = triton.cdiv(p, BLOCK_P)
+    n_tiles = n_tiles_p * n_tiles_d
     part = torch.empty(B * n_tiles, dtype=torch.float32, device=a1.device)
+    # unused (any pointer will do) without the bias
+    bias_part = (torch.empty(B * n_tiles_p, dtype=torch.float32, device=a1.device)
+                 if with_bias else part)
     _linear_direct_kernel[(B * n_tiles,)](
-        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, part_ptr=part,
+        a1_ptr=a1, g1_ptr=g1, a2_ptr=a2, g2_ptr=g2, part_ptr=part, bias_part_ptr=bias_part,
         T1=T1, T2=a2.shape[1], d=d, p=p, n_tiles=n_tiles, n_tiles_d=n_tiles_d,
         **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
-        SECOND=second, UPCAST=INTERPRET, PRECISION=dot_precision(a1.dtype),
-        BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        SECOND=second, WITH_BIAS=with_bias, UPCAST=INTERPRET,
+        PRECISION=dot_precision(a1.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
-    return part.view(B, n_tiles).sum(1)
+    w = part.view(B, n_tiles).sum(1)
+    return w, (bias_part.view(B, n_tiles_p).sum(1) if with_bias else None)
 
 
-@register("linear_norm", "triton")
-def linear_norm(a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """[B] float32 ``||W_b||^2``: ghost (tiled Grams) or direct (tiled W_b), never stored."""
+@register("linear_norms", "triton")
+def linear_norms(a: torch.Tensor, g: torch.Tensor, method: str = "auto",
+                 with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B] float32 ``||W_b||^2``, with_bias: [B] float32 ``||sum_t g_t||^2``, else None).
+
+    Ghost (tiled Grams) or direct (tiled W_b), never stored; the bias norm comes from the g
+    tiles the weight norm reads anyway (the g Gram tiles, or the g tiles of d-tile 0)."""
     if use_reference(a, g):
-        return ref.linear_norm(a, g, method)
-    _check("linear_norm", a, g)
+        return ref.linear_norms(a, g, method, with_bias)
+    _check("linear_norms", a, g)
     if method not in ("auto", "ghost", "direct"):
         raise ValueError(f"method must be 'auto', 'ghost' or 'direct', got {method!r}")
     B, T, d = a.shape
     p = g.shape[-1]
     if B == 0 or T == 0 or d == 0 or p == 0:
-        return torch.zeros(B, dtype=torch.float32, device=a.device)
+        zeros = torch.zeros(B, dtype=torch.float32, device=a.device)
+        if not with_bias:
+            return zeros, None
+        # d == 0 leaves no weight but still a bias
+        return zeros, (linear_bias_norm(g) if d == 0 else zeros.clone())
     a, g = same_dtype(a, g)
     if T == 1:
-        return _row_norm_product(a, g)
+        return _row_norm_product(a, g, with_bias)
     if method == "auto":
         method = ref.choose_method(T, d, p)
     if method == "ghost":
-        return _ghost(a, g, a, g, symmetric=True)
-    return _direct(a, g)
+        return _ghost(a, g, a, g, symmetric=True, with_bias=with_bias)
+    return _direct(a, g, with_bias=with_bias)
+
+
+@register("linear_norm", "triton")
+def linear_norm(a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """[B] float32 ``||W_b||^2``: ``linear_norms`` without the bias."""
+    if use_reference(a, g):
+        return ref.linear_norm(a, g, method)
+    return linear_norms(a, g, method)[0]
 
 
 @register("linear_cross", "triton")
@@ -368,8 +422,8 @@ def linear_cross(a1, g1, a2, g2) -> torch.Tensor:
         return torch.zeros(B, dtype=torch.float32, device=a1.device)
     a1, g1, a2, g2 = same_dtype(a1, g1, a2, g2)
     if T1 * T2 * (d + p) < (T1 + T2) * d * p:
-        return _ghost(a1, g1, a2, g2, symmetric=False)
-    return _direct(a1, g1, a2, g2)
+        return _ghost(a1, g1, a2, g2, symmetric=False)[0]
+    return _direct(a1, g1, a2, g2)[0]
 
 
 @register("linear_bias_norm", "triton")

@@ -53,6 +53,14 @@ def linear_bias_norm(g: torch.Tensor) -> torch.Tensor:
     return g.to(acc_dtype(g)).sum(1).pow(2).sum(-1)
 
 
+@register("linear_norms", "reference")
+def linear_norms(a: torch.Tensor, g: torch.Tensor, method: str = "auto",
+                 with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``linear_norm(a, g, method)``, ``linear_bias_norm(g)`` if ``with_bias`` else None):
+    a Linear's weight and bias norms, which kernels compute in one pass over ``g``."""
+    return linear_norm(a, g, method), (linear_bias_norm(g) if with_bias else None)
+
+
 @register("linear_cross", "reference")
 def linear_cross(a1, g1, a2, g2) -> torch.Tensor:
     """[B] ``<W1_b, W2_b>`` for two uses of one weight: ``sum_{t,s} (a1_t.a2_s)(g1_t.g2_s)``."""
