@@ -10,6 +10,8 @@ batch first, and its forward must be deterministic (no dropout inside it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -49,7 +51,7 @@ class GenericHandler:
             )
         engine.on_forward(name)
         blocked = {n: _BlockGrad.apply(p) for n, p in own.items()}
-        with engine.bypassed() if self.whole_module else _nullctx():
+        with engine.bypassed() if self.whole_module else contextlib.nullcontext():
             out = _call_with(module, orig, blocked, args, kwargs)
         # One tensor out, or a tuple with exactly one differentiable tensor (e.g.
         # nn.MultiheadAttention's (output, None)).
@@ -130,13 +132,6 @@ class _BlockGrad(torch.autograd.Function):
     def backward(ctx, g):
         return None
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _call_with(module, orig, params, args, kwargs):

@@ -9,6 +9,8 @@ the input gradient (exactly torch's own rule), and records ``DenseUse``s built b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,7 +89,8 @@ class _NormHandler:
         dt = None
         if autocast_dtype(x.device.type) is not None and x.is_floating_point():
             dt = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False) if dt is not None else _nullctx():
+        off = torch.autocast(x.device.type, enabled=False)
+        with off if dt is not None else contextlib.nullcontext():
             return _NormFn.apply(x, w, b, self.fn(module), dt, record)
 
     def _batch_error(self, name: str, x: torch.Tensor, expected: str) -> ValueError:
@@ -96,13 +99,6 @@ class _NormHandler:
             f"needs a batch dimension first ({expected}); add one with x.unsqueeze(0)"
         )
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class LayerNormHandler(_NormHandler):
