@@ -13,6 +13,9 @@ scale straight into ``param.grad`` (``step``).
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import types
 import warnings
 from collections.abc import Callable
 
@@ -47,8 +50,9 @@ class Engine:
             raise ValueError(f"mode must be 'fast' or 'low-memory', got {mode!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+                and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         if norm_method not in ("auto", "ghost", "direct"):
             raise ValueError(
                 f"norm_method must be 'auto', 'ghost' or 'direct', got {norm_method!r}"
@@ -85,6 +89,15 @@ class Engine:
         self.last_norms: torch.Tensor | None = None
         self.last_factors: torch.Tensor | None = None  # c_b of the last micro-batch
         self._checked_devices: set[str] = set()
+        self.attached = False
+        self._hooked: set[nn.Parameter] = set()  # parameters with a leak hook
+        # param -> (the gradient tensor fold() wrote, its version): step() checks that every
+        # gradient the wrapped optimizer sees is one of these, and fold() that nothing was
+        # accumulated into them from outside the capture since
+        self.written: dict[nn.Parameter, tuple[torch.Tensor, int]] = {}
+        self.backward_done = False  # the pending micro-batch's backward pass has completed
+        self.nonfinite_samples = 0  # samples dropped (c_b = 0) for a non-finite gradient
+        self.bad_samples: torch.Tensor | None = None  # [B] bool, low-memory mode's sums pass
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -135,22 +148,29 @@ class Engine:
         for p in self.params:
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._leak_hook(self.param_names[p])))
+        self.param_index = {p: i for i, p in enumerate(self.params)}
+        self._hooked = {p for p in self.params if p.requires_grad}
+        self.attached = True
         setattr(model, _ENGINE_ATTR, self)
 
     def _patch(self, module: nn.Module, name: str, handler) -> None:
         previous = module.__dict__.get("forward", None)
-        orig = module.forward
-        engine = self
-
-        def forward(*args, **kwargs):
-            if engine.bypass:
-                return orig(*args, **kwargs)
-            return handler.forward(engine, module, name, orig, *args, **kwargs)
-
-        module.forward = forward
+        module.forward = _CapturedForward(self, module, name, handler, module.forward, previous)
         self._patched[module] = (name, previous)
 
+    def __deepcopy__(self, memo):
+        # A copy of an attached model (EMA, "best model" snapshots) must not record into this
+        # engine or run this model's weights: the copy comes out detached (see
+        # _CapturedForward.__deepcopy__), and its engine attribute is None.
+        return None
+
+    def __reduce__(self):
+        # torch.save(model) of an attached model: the engine (hooks, kept backprops) is not
+        # saved; the loaded model is detached.
+        return (_none, ())
+
     def detach(self) -> None:
+        self.attached = False
         for module, (_, previous) in self._patched.items():
             if previous is None:
                 module.__dict__.pop("forward", None)
@@ -199,12 +219,15 @@ class Engine:
     # ------------------------------------------------------------------ capture
     def on_forward(self, name: str) -> None:
         """Called by every captured forward: refuse to mix two micro-batches' backprops."""
+        if not self.attached:
+            return
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.uses and torch.is_grad_enabled():
             raise RuntimeError(
-                f"dpkernels: a forward pass through {name} started while the previous "
-                "backward's per-sample gradients were not folded in; call dp_opt.accumulate() "
-                "(or dp_opt.step()) after each backward, or dp_opt.zero_grad() to drop them"
+                f"dpkernels: a forward pass through {name} (with gradients enabled) started "
+                "while the previous backward's per-sample gradients were not folded in; call "
+                "dp_opt.accumulate() (or dp_opt.step()) after each backward, or "
+                "dp_opt.zero_grad() to drop them; run evaluation forwards under torch.no_grad()"
             )
 
     def record(self, name: str, batch_size: int, uses: list[tuple[nn.Parameter, Use]]) -> None:
@@ -217,18 +240,26 @@ class Engine:
                 "dpkernels: mode='low-memory' needs two backward passes: call "
                 "dp_opt.backward(loss) instead of loss.backward()"
             )
+        for p, _ in uses:
+            if p not in self.param_index:
+                raise RuntimeError(
+                    f"dpkernels: {name} used a parameter of shape {tuple(p.shape)} that was not "
+                    "in the model when make_private attached to it (a parameter replaced or "
+                    "added afterwards); its gradient would be neither clipped nor noised. Call "
+                    "dpkernels.detach(model) and make_private again after changing parameters"
+                )
         if self.batch_size is None:
             self.batch_size, self.first_module = batch_size, name
             self.loss_scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+            self.backward_done = False
+            _queue_end_of_backward(self._on_backward_done)
         elif batch_size != self.batch_size:
-            raise ValueError(
-                f"dpkernels: {name} saw a batch of {batch_size} samples but "
-                f"{self.first_module} saw {self.batch_size} in the same backward; every "
-                "captured layer needs the batch as its first dimension (batch_first=True)"
-            )
+            raise ValueError(self._batch_mismatch(name, batch_size))
         if self.phase == "sums":
             c = self.factors * self.loss_scale
             for p, use in uses:
+                if self.bad_samples is not None:
+                    use.drop_samples(self.bad_samples)
                 self.acc[p] = use.clipped_sum(self.op, c, self.acc.get(p), 0.0, 0, 1.0)
             return
         # pass one of the low-memory mode keeps a use only if its parameter can be used again
@@ -247,6 +278,31 @@ class Engine:
             self.norm_sq += contrib.to(self.norm_sq.dtype)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
+
+    def _on_backward_done(self) -> None:
+        self.backward_done = True
+
+    def _batch_mismatch(self, name: str, batch_size: int) -> str:
+        first, b0 = self.first_module, self.batch_size
+        head = f"dpkernels: in one backward pass {name} saw a batch of {batch_size} samples"
+        if name == first or self.calls.get(name, 0) > 1:
+            return (f"{head} and also one of {b0} ({name} was called "
+                    f"{max(self.calls.get(name, 0), 2)} times): a backward must cover one batch. "
+                    "Feed the samples through the model in one forward (torch.cat the batches), "
+                    "or call dp_opt.accumulate() after each batch's own backward")
+        msg = f"{head}, but {first} saw {b0}. "
+        if min(batch_size, b0) == 1:
+            small = name if batch_size == 1 else first
+            return msg + (
+                f"{small} got an input with a batch dimension of 1 that is broadcast against "
+                "the batch afterwards (for example Hugging Face position ids of shape [1, T]); "
+                "its per-sample gradients cannot be told apart. Pass that input expanded to the "
+                "batch (e.g. position_ids=position_ids.expand(B, -1))")
+        return msg + (
+            "Either one of them does not take the batch as the first dimension of its input "
+            "(batch_first=False layouts, a transposed input: use batch_first=True), or the two "
+            "layers ran on different batches before one backward (use one forward per "
+            "backward, and dp_opt.accumulate() between backwards)")
 
     def two_pass_backward(self, loss: torch.Tensor) -> None:
         """The low-memory mode's backward: norms first (graph retained), clipped sums second."""
@@ -278,16 +334,42 @@ class Engine:
         self.norm_sq = None
         self.batch_size = None
         self.first_module = None
+        self.bad_samples = None
+        self.backward_done = False
 
     # ------------------------------------------------------------------ fold
+    def pending_norms(self) -> torch.Tensor | None:
+        """[B] norms of the backward not yet folded in, once that backward has completed."""
+        if self.norm_sq is None or not self.backward_done:
+            return None
+        return self.norm_sq.detach().clamp_min(0).sqrt() * self.loss_scale
+
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norms = self.norm_sq.clamp_min(0).sqrt() * self.loss_scale
-        self.last_norms = norms.detach()
+        norms = self.norm_sq.detach().clamp_min(0).sqrt() * self.loss_scale
+        self.last_norms = norms
         bound = norms * (1.0 + NORM_MARGIN.get(norms.dtype, 2.0**-16))
-        self.last_factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
-        return self.last_factors
+        factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
+        # A sample whose gradient is not finite (NaN/inf loss, overflow) gets c_b = 0: its
+        # contribution then has norm 0 <= C, and its rows are zeroed before the clipped sums
+        # (0 * NaN would still be NaN).  One host sync per micro-batch.
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            bad = ~finite
+            factors = torch.where(bad, torch.zeros_like(factors), factors)
+            self.bad_samples = bad
+            idx = bad.nonzero().flatten().tolist()
+            self.nonfinite_samples += len(idx)
+            warnings.warn(
+                f"dpkernels: {len(idx)} of {norms.numel()} samples had a non-finite (NaN or "
+                f"inf) per-sample gradient (batch indices {idx[:10]}"
+                f"{' ...' if len(idx) > 10 else ''}); they were given clip factor 0 and "
+                "contribute nothing to this step (dp_opt.nonfinite_samples counts them)",
+                stacklevel=4,
+            )
+        self.last_factors = factors
+        return factors
 
     def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,
              seeds: Callable[[int], int] | None = None,
@@ -313,14 +395,34 @@ class Engine:
                     self.acc[p].copy_(part.view(self.acc[p].shape))
             # nothing is pending now: the finalising pass only adds noise and scales
             return self.fold(finalize=True, noise_std=noise_std, scale=scale, seeds=seeds)
+        with torch.no_grad():  # gradients are leaves: no micro-batch's graph may stay alive
+            self._fold(finalize, noise_std, scale, seeds)
+
+    def _fold(self, finalize, noise_std, scale, seeds) -> None:
         c = self.clip_factors() if self.uses else None
         if c is not None:
             c = c * self.loss_scale
+            if self.bad_samples is not None:
+                for uses in self.uses.values():
+                    for u in uses:
+                        u.drop_samples(self.bad_samples)
+        previous: dict = {}
+        if finalize:
+            previous, self.written = self.written, {}
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
                 self.acc.pop(p, None)
+                if finalize and p in previous and p.grad is previous[p][0]:
+                    # frozen since an earlier step: its stale engine gradient must not be
+                    # stepped again
+                    p.grad = None
                 continue
+            if p.requires_grad and p not in self._hooked:  # unfrozen after attach
+                self._hooks.append(p.register_hook(self._leak_hook(self.param_names[p])))
+                self._hooked.add(p)
+            if finalize:
+                self._check_no_leak(p, previous.get(p))
             acc = self.acc.pop(p, None)
             seed = seeds(i) if (finalize and seeds is not None) else 0
             for j, u in enumerate(uses):
@@ -334,10 +436,32 @@ class Engine:
                         acc = torch.zeros(p.shape, dtype=dt, device=p.device)
                     acc = self.op("add_noise", acc, noise_std, seed, scale)
                 p.grad = acc.reshape(p.shape).to(p.dtype)
+                self.written[p] = (p.grad, p.grad._version)
             elif acc is not None:
                 self.acc[p] = acc
         self.clear_pending()
 
+    def refresh_written(self) -> None:
+        """After ``p.grad`` was zeroed in place by the optimizer wrapper."""
+        self.written = {p: (g, g._version) for p, (g, _) in self.written.items()}
+
+    def _check_no_leak(self, p: nn.Parameter, mine: tuple | None) -> None:
+        """``p.grad`` must be empty, zero, or the gradient this engine wrote, untouched: anything
+        else came from autograd outside the capture (a use the engine did not see, e.g. by a
+        parameter frozen at attach and unfrozen since) and was not clipped."""
+        g = p.grad
+        if g is None:
+            return
+        if mine is not None and g is mine[0] and g._version == mine[1]:
+            return
+        if bool(g.ne(0).any()):
+            raise RuntimeError(
+                f"dpkernels: parameter {self.param_names[p]!r} received a gradient outside the "
+                "per-sample capture since the last step (a use of it by an operation outside its "
+                "own module's forward, or a gradient written by hand); it would not be clipped. "
+                "Move the use into a module, freeze the parameter, or call dp_opt.zero_grad() "
+                "before the forward if the gradient was stale"
+            )
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64
@@ -357,3 +481,45 @@ def derive_seed(base: int, step: int, index: int) -> int:
     h = _splitmix64(h ^ (step & _M64))
     h = _splitmix64(h ^ (index & _M64))
     return h >> 2
+
+
+def _none():
+    return None
+
+
+def _queue_end_of_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the autograd pass now executing has finished."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+class _CapturedForward:
+    """An attached module's ``forward``: runs the handler, or the original while bypassed.
+
+    A class rather than a closure so that a copy of the model (``copy.deepcopy``, ``torch.save``)
+    gets its own plain forward back instead of one that runs this module's weights and records
+    into this engine."""
+
+    def __init__(self, engine, module, name, handler, orig, previous) -> None:
+        self.engine, self.module, self.name = engine, module, name
+        self.handler, self.orig, self.previous = handler, orig, previous
+
+    def __call__(self, *args, **kwargs):
+        if self.engine.bypass:
+            return self.orig(*args, **kwargs)
+        return self.handler.forward(self.engine, self.module, self.name, self.orig, *args,
+                                    **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = memo.get(id(self.module))
+        if module is None:  # the forward copied on its own, without its module
+            raise TypeError("dpkernels: a captured forward cannot be copied without its module")
+        if self.previous is not None:
+            return copy.deepcopy(self.previous, memo)
+        return types.MethodType(type(module).forward, module)
+
+    def __reduce__(self):
+        return (_plain_forward, (self.module, self.previous))
+
+
+def _plain_forward(module, previous):
+    return previous if previous is not None else types.MethodType(type(module).forward, module)

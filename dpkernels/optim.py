@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -34,9 +35,7 @@ class DPOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         distributed: bool = False,
     ) -> None:
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if loss_reduction == "mean" and (expected_batch_size is None or expected_batch_size <= 0):
+        if loss_reduction == "mean" and expected_batch_size is None:
             raise ValueError(
                 "expected_batch_size must be a positive number for loss_reduction='mean' "
                 "(sample_rate * dataset size under Poisson sampling)"
@@ -51,8 +50,8 @@ class DPOptimizer(torch.optim.Optimizer):
                       "_optimizer_load_state_dict_post_hooks"):
             setattr(self, hooks, OrderedDict())
         self.engine = engine
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         if seed is None:
@@ -78,6 +77,60 @@ class DPOptimizer(torch.optim.Optimizer):
                         "dpkernels: the optimizer holds a parameter that is not part of the "
                         "model given to make_private; its gradient would not be clipped"
                     )
+
+    # --- C, sigma and the batch size: validated, one source of truth ---------------------
+    # The engine clips with max_grad_norm; step() draws noise with std noise_multiplier *
+    # max_grad_norm read at that moment and logs noise_multiplier for the accountant.  Changing
+    # either in the middle of a logical batch would clip some micro-batches at one C and noise
+    # at another, so the setters refuse while clipped sums are pending.
+    @property
+    def max_grad_norm(self) -> float:
+        return self.engine.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        value = _finite("max_grad_norm", value, positive=True)
+        self._refuse_mid_batch("max_grad_norm")
+        self.engine.max_grad_norm = value
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        value = _finite("noise_multiplier", value, positive=False)
+        self._refuse_mid_batch("noise_multiplier")
+        self._noise_multiplier = value
+
+    @property
+    def expected_batch_size(self) -> float | None:
+        return self._expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: float | None) -> None:
+        if value is not None:  # None: only for loss_reduction="sum" (checked in step)
+            value = _finite("expected_batch_size", value, positive=True)
+        self._refuse_mid_batch("expected_batch_size")
+        self._expected_batch_size = value
+
+    def _refuse_mid_batch(self, what: str) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None and (engine.acc or engine.uses):
+            raise RuntimeError(
+                f"dpkernels: {what} cannot change in the middle of a logical batch (clipped "
+                "sums are pending: some micro-batches would be clipped or noised with the old "
+                "value); change it right after dp_opt.step(), or call dp_opt.discard() first"
+            )
+
+    def _check_attached(self, what: str) -> None:
+        if not self.engine.attached:
+            raise RuntimeError(
+                f"dpkernels: dp_opt.{what}() after dpkernels.detach(model): this DPOptimizer "
+                "no longer sees the model's per-sample gradients (its plain gradients would be "
+                "overwritten with noise). Step the original optimizer for non-private training, "
+                "or make_private again"
+            )
 
     # --- the torch.optim surface -------------------------------------------------------
     @property
@@ -105,14 +158,22 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def per_sample_norms(self) -> torch.Tensor | None:
-        """[B] norms of the last micro-batch's per-sample gradients, before clipping
-        (float32; float64 for a float64 model)."""
-        return self.engine.last_norms
+        """[B] per-sample gradient norms before clipping (float32; float64 for a float64
+        model): those of the last completed backward not yet folded in (so they can be logged
+        between ``backward()`` and ``step()``), else those of the last micro-batch folded."""
+        pending = self.engine.pending_norms()
+        return pending if pending is not None else self.engine.last_norms
+
+    @property
+    def nonfinite_samples(self) -> int:
+        """Samples so far whose gradient was NaN/inf and that were dropped (clip factor 0)."""
+        return self.engine.nonfinite_samples
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``param.grad`` and any backward not yet folded in (not the accumulator)."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.engine.clear_pending()
+        self.engine.refresh_written()
 
     def discard(self) -> None:
         """Drop an unfinished logical batch: the backward not yet folded in and the clipped
@@ -130,14 +191,18 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def accumulate(self) -> None:
         """Fold the last backward's clipped per-sample gradients into the accumulator."""
+        self._check_attached("accumulate")
         self.engine.fold(finalize=False)
 
     def step(self, closure=None):
+        self._check_attached("step")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         std = self.noise_multiplier * self.max_grad_norm
+        if self.loss_reduction == "mean" and self.expected_batch_size is None:
+            raise ValueError("dpkernels: loss_reduction='mean' needs expected_batch_size")
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         step = self.steps
 
@@ -146,10 +211,36 @@ class DPOptimizer(torch.optim.Optimizer):
 
         reduce = _all_reduce_sum if self.distributed else None
         self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds, reduce=reduce)
+        self._check_provenance()
         self.steps += 1
         self._log_step(self.sample_rate)
         self.original_optimizer.step()
         return loss
+
+    def _check_provenance(self) -> None:
+        """Every gradient the wrapped optimizer is about to apply must be the clipped, noised
+        one the engine wrote in this step: a parameter the model does not hold, one added to
+        the wrapped optimizer behind our back, or one unfrozen after make_private would
+        otherwise be stepped with its raw gradient."""
+        written = self.engine.written
+        for gi, group in enumerate(self.original_optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                mine = written.get(p)
+                if mine is not None and p.grad is mine[0]:
+                    continue
+                name = self.engine.param_names.get(p)
+                what = (f"parameter {name!r}" if name is not None else
+                        f"a parameter of shape {tuple(p.shape)} (param group {gi}, index {pi}) "
+                        "that is not part of the model given to make_private")
+                raise RuntimeError(
+                    f"dpkernels: the optimizer would update {what} with a gradient that did not "
+                    "come from the DP engine in this step (not clipped, not noised). Parameters "
+                    "must belong to the model at make_private time (call dpkernels.detach(model) "
+                    "and make_private again after adding or unfreezing parameters outside it), "
+                    "and their gradients may only come from the engine"
+                )
 
     def _log_step(self, sample_rate: float | None = None) -> None:
         key = [self.noise_multiplier, sample_rate]
@@ -246,6 +337,17 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"{self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
                 f"loss_reduction={self.loss_reduction!r}, backend={self.engine.backend!r}, "
                 f"wrapping {self.original_optimizer!r})")
+
+
+def _finite(name: str, value, *, positive: bool) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {value!r}")
+    return v
 
 
 def _broadcast_seed(seed: int, params) -> int:

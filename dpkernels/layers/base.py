@@ -18,6 +18,28 @@ Op = Callable[..., torch.Tensor]
 
 
 class Use:
+    # Names of the attributes that hold per-sample tensors, batch first (a ``[B, ...]`` tensor
+    # per sample row).  ``None``: every floating tensor attribute is one (the contract for a
+    # Use: it keeps per-sample tensors only).
+    per_sample: tuple[str, ...] | None = None
+
+    def drop_samples(self, bad: torch.Tensor) -> None:
+        """Zero the rows of the samples where ``bad`` [B] is True, so that a non-finite sample
+        (given clip factor 0) contributes exactly nothing to the clipped sums."""
+        names = self.per_sample
+        if names is None:
+            names = tuple(k for k, v in vars(self).items()
+                          if isinstance(v, torch.Tensor) and v.is_floating_point())
+        for k in names:
+            t = getattr(self, k)
+            if t is None or not t.is_floating_point():
+                continue
+            if t.dim() == 0 or t.shape[0] != bad.shape[0]:
+                raise RuntimeError(f"dpkernels: {type(self).__name__}.{k} is not batch-first")
+            keep = ~bad.view(-1, *([1] * (t.dim() - 1)))
+            setattr(self, k, torch.where(keep, t, torch.zeros((), dtype=t.dtype,
+                                                               device=t.device)))
+
     def raw_norm(self, op: Op) -> torch.Tensor:
         """[B] ``||G_b||^2``."""
         return op("dense_norm", self.raw_dense(op))
