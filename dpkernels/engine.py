@@ -143,6 +143,8 @@ class Engine:
         for name, p in model.named_parameters(remove_duplicate=True):
             self.param_names[p] = name
             self.params.append(p)
+        for module, (name, _) in plan.items():
+            self._check_not_captured(module, name)
         for module, (name, handler) in plan.items():
             self._patch(module, name, handler)
         for p in self.params:
@@ -152,6 +154,16 @@ class Engine:
         self._hooked = {p for p in self.params if p.requires_grad}
         self.attached = True
         setattr(model, _ENGINE_ATTR, self)
+
+    def _check_not_captured(self, module: nn.Module, name: str) -> None:
+        previous = module.__dict__.get("forward", None)
+        if isinstance(previous, _CapturedForward) and previous.engine.attached:
+            raise ValueError(
+                f"dpkernels: {name} ({type(module).__name__}) is already captured by another "
+                "DPOptimizer (a module shared between two attached models); its per-sample "
+                "gradients would be recorded into one engine only. Give each private model "
+                "its own modules, or attach only the model that contains both"
+            )
 
     def _patch(self, module: nn.Module, name: str, handler) -> None:
         previous = module.__dict__.get("forward", None)
@@ -363,7 +375,7 @@ class Engine:
             self.nonfinite_samples += len(idx)
             warnings.warn(
                 f"dpkernels: {len(idx)} of {norms.numel()} samples had a non-finite (NaN or "
-                f"inf) per-sample gradient (batch indices {idx[:10]}"
+                f"inf) per-sample gradient (indices within this micro-batch: {idx[:10]}"
                 f"{' ...' if len(idx) > 10 else ''}); they were given clip factor 0 and "
                 "contribute nothing to this step (dp_opt.nonfinite_samples counts them)",
                 stacklevel=4,

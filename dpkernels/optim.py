@@ -69,6 +69,12 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate: float | None = None
         self.poisson: bool | None = None
         self.non_poisson_steps = 0
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "dpkernels: LBFGS evaluates the loss several times per step (a closure), each "
+                "on the private batch; DP-SGD accounts for one clipped, noised gradient per "
+                "step. Use a first-order optimizer (SGD, Adam, AdamW, ...)"
+            )
         self._managed = {id(p) for p in engine.params}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -77,6 +83,18 @@ class DPOptimizer(torch.optim.Optimizer):
                         "dpkernels: the optimizer holds a parameter that is not part of the "
                         "model given to make_private; its gradient would not be clipped"
                     )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        idle = [engine.param_names[p] for p in engine.params
+                if p.requires_grad and id(p) not in held]
+        if idle:
+            warnings.warn(
+                f"dpkernels: {len(idle)} trainable parameter(s) of the model are not in the "
+                f"optimizer ({', '.join(idle[:5])}{', ...' if len(idle) > 5 else ''}); they "
+                "still count in every per-sample norm (clipping the others harder) and get "
+                "noise-only gradients. Freeze them (requires_grad_(False)) if they are not "
+                "trained, or add them to the optimizer",
+                stacklevel=3,
+            )
 
     # --- C, sigma and the batch size: validated, one source of truth ---------------------
     # The engine clips with max_grad_norm; step() draws noise with std noise_multiplier *
@@ -194,6 +212,13 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_attached("accumulate")
         self.engine.fold(finalize=False)
 
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "dpkernels: a DPOptimizer cannot be deep-copied (it is bound to its model's "
+            "engine); copy dp_opt.state_dict() and load it into a DPOptimizer made for the copy"
+        )
+
+    @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks, as for any optimizer
     def step(self, closure=None):
         self._check_attached("step")
         loss = None
@@ -229,6 +254,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     continue
                 mine = written.get(p)
                 if mine is not None and p.grad is mine[0]:
+                    continue
+                if not bool(p.grad.ne(0).any()):  # e.g. zeroed, kept by set_to_none=False
                     continue
                 name = self.engine.param_names.get(p)
                 what = (f"parameter {name!r}" if name is not None else

@@ -439,3 +439,59 @@ def test_per_sample_norms_available_between_backward_and_step():
     assert pending is not None and rel_err(pending, true) <= RTOL_F64
     dp.step()
     assert torch.equal(dp.per_sample_norms, pending)
+
+
+# ---------------------------------------------------------------- found by an adversarial review
+def test_module_shared_by_two_attached_models_is_refused():
+    shared = nn.Linear(5, 5).double()
+    a = nn.Sequential(shared, nn.Linear(5, 3)).double()
+    b = nn.Sequential(shared, nn.Linear(5, 2)).double()
+    private(a)
+    with pytest.raises(ValueError, match=r"0 \(Linear\) is already captured by another"):
+        private(b)
+    assert getattr(b, "_dpkernels_engine", None) is None
+    assert not isinstance(b[1].__dict__.get("forward"), type(shared.forward))  # not half-patched
+
+
+def test_trainable_parameters_outside_the_optimizer_warn():
+    model = mlp()
+    opt = torch.optim.SGD(model[2].parameters(), lr=1.0)
+    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\).*0.weight, 0.bias"):
+        private(model, opt)
+
+
+def test_step_hooks_of_the_dp_optimizer_run():
+    model = mlp()
+    dp = private(model)
+    seen = []
+    dp.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    dp.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    x, y = data()
+    ce(model(x), y).backward()
+    dp.step()
+    assert seen == ["pre", "post"]
+
+
+def test_zero_gradient_on_a_frozen_parameter_is_not_a_false_alarm():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = data()
+    ce(model(x), y).backward()
+    opt.zero_grad(set_to_none=False)  # zero gradients stay on every parameter
+    model[0].weight.requires_grad_(False)
+    dp = private(model, opt)
+    ce(model(x), y).backward()
+    dp.step()
+
+
+def test_deepcopy_of_the_dp_optimizer_says_what_to_do():
+    dp = private(mlp())
+    with pytest.raises(TypeError, match=r"state_dict\(\)"):
+        copy.deepcopy(dp)
+
+
+def test_lbfgs_is_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match="LBFGS"):
+        private(model, torch.optim.LBFGS(model.parameters()))
+    assert getattr(model, "_dpkernels_engine", None) is None
