@@ -24,7 +24,7 @@ from torch import nn
 
 from dpkernels import dispatch
 from dpkernels.layers import find_handler, refuse
-from dpkernels.layers.base import Use, cross
+from dpkernels.layers.base import Use, cross, cross_error
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -82,6 +82,8 @@ class Engine:
         # per micro-batch state
         self.uses: dict[nn.Parameter, list[Use]] = {}
         self.norm_sq: torch.Tensor | None = None
+        # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
+        self.err_sq: torch.Tensor | None = None
         self.batch_size: int | None = None
         self.first_module: str | None = None
         # across micro-batches of one logical step
@@ -278,16 +280,26 @@ class Engine:
         reused = self.calls.get(name, 0) > 1
         # raw squared norms: the loss scale is applied once, in clip_factors
         for p, use in uses:
-            contrib = use.raw_norm(self.op)
+            own = use.raw_norm(self.op)
+            contrib = own
+            err = use.norm_error(own)
+            use.norm_sq = own
             earlier = self.uses.setdefault(p, [])
             for u in earlier:
                 contrib = contrib + 2.0 * cross(u, use, self.op)
+                e = cross_error(u, use, u.norm_sq, own)
+                if e is not None:
+                    err = e if err is None else err + e
             if self.norm_sq is None:
                 self.norm_sq = torch.zeros(batch_size, dtype=contrib.dtype, device=contrib.device)
             elif contrib.dtype != self.norm_sq.dtype:
                 dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
                 self.norm_sq = self.norm_sq.to(dt)
             self.norm_sq += contrib.to(self.norm_sq.dtype)
+            if err is not None:
+                if self.err_sq is None:
+                    self.err_sq = torch.zeros_like(self.norm_sq)
+                self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -344,6 +356,7 @@ class Engine:
         self.factors = None
         self.uses = {}
         self.norm_sq = None
+        self.err_sq = None
         self.batch_size = None
         self.first_module = None
         self.bad_samples = None
@@ -359,9 +372,15 @@ class Engine:
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norms = self.norm_sq.detach().clamp_min(0).sqrt() * self.loss_scale
+        norm_sq = self.norm_sq.detach().clamp_min(0)
+        norms = norm_sq.sqrt() * self.loss_scale
         self.last_norms = norms
-        bound = norms * (1.0 + NORM_MARGIN.get(norms.dtype, 2.0**-16))
+        # an upper bound of the exact norm: the cancellation bound on the squared norm (layers/
+        # base.py), then the relative margin for the remaining (cancellation-free) rounding
+        if self.err_sq is not None:
+            norm_sq = norm_sq + self.err_sq.detach().to(norm_sq.dtype)
+        bound = (norm_sq.sqrt() * self.loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype,
+                                                                           2.0**-16))
         factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
         # A sample whose gradient is not finite (NaN/inf loss, overflow) gets c_b = 0: its
         # contribution then has norm 0 <= C, and its rows are zeroed before the clipped sums

@@ -16,6 +16,39 @@ import torch
 
 Op = Callable[..., torch.Tensor]
 
+# Unit roundoff of the dtype a norm accumulates in (16-bit inputs accumulate in float32).
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+
+
+def unit_roundoff(t: torch.Tensor) -> float:
+    return UNIT_ROUNDOFF.get(t.dtype, 2.0**-24)
+
+
+# Cancellation.  A per-sample norm is computed by another formula than the clipped sum that
+# releases the gradient (ghost: sum over position pairs of Gram products; direct and bias: a
+# sum over positions), and sums of signed terms lose accuracy *relative to the sum of the
+# terms' magnitudes*, not to the result: a crafted sample with x_2 = -x_1 + e has a tiny norm
+# and huge terms, and a relative margin on the norm does not bound its error.  The bounds below
+# are in terms of S_b = sum_t |a_t| |g_t| (the magnitude of the per-sample gradient's terms):
+#   ghost  |n^2 - n_hat^2| <= kappa u S^2, kappa = d + p + 2T + 16: dot products along d and
+#          p accumulate sequentially (gamma_d, gamma_p), and the T^2 pair products are summed
+#          in tiles (a tree inside a tile, sequential over tiles) or by torch's cascade sum,
+#          both within 2T + 16 roundings for T >= 1;
+#   direct/sum  |n - n_hat| <= gamma S with gamma = (T + 16) u: the per-sample gradient itself
+#          is a sum over T positions.
+# The engine adds these to the squared norms before clipping (DESIGN.md section 6).
+
+
+def gram_error(S: torch.Tensor, kappa: int) -> torch.Tensor:
+    """[B] bound on the error of a squared norm computed as a sum of signed pair products."""
+    return (kappa * unit_roundoff(S)) * S * S
+
+
+def sum_error(norm_sq: torch.Tensor, S: torch.Tensor, T: int) -> torch.Tensor:
+    """[B] bound on the error of ``|v|^2`` for ``v`` computed as a sum of T signed terms."""
+    e = ((T + 16) * unit_roundoff(S)) * S
+    return 2.0 * norm_sq.clamp_min(0).sqrt() * e + e * e
+
 
 class Use:
     # Names of the attributes that hold per-sample tensors, batch first (a ``[B, ...]`` tensor
@@ -44,6 +77,19 @@ class Use:
         """[B] ``||G_b||^2``."""
         return op("dense_norm", self.raw_dense(op))
 
+    def magnitude(self) -> torch.Tensor | None:
+        """[B] ``S_b``, the sum of the magnitudes of the terms ``G_b`` is a sum of, or None
+        when the norm and the clipped sum come from the same materialised ``G_b``."""
+        return None
+
+    def kappa(self) -> int:
+        """The ghost-form error constant (see ``gram_error``) for this use's shapes."""
+        return 16
+
+    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+        """[B] bound on ``| ||G_b||^2 - raw_norm |`` from cancellation, or None."""
+        return None
+
     def raw_dense(self, op: Op) -> torch.Tensor:
         """[B, *param.shape] ``G_b`` materialised (used only where no ghost form exists)."""
         raise NotImplementedError
@@ -55,6 +101,18 @@ class Use:
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes the loss scale)."""
         return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
+
+
+def cross_error(u: Use, v: Use, norm_u: torch.Tensor, norm_v: torch.Tensor) -> torch.Tensor | None:
+    """[B] bound on the error of ``2 <G_b, G'_b>`` for two uses of one parameter: the cross
+    term is a ghost-form sum of signed pair products, ``|error| <= kappa u S S'`` (a use with
+    no magnitude contributes its norm, computed from its materialised gradient)."""
+    su, sv = u.magnitude(), v.magnitude()
+    if su is None and sv is None:
+        return None
+    su = su if su is not None else norm_u.clamp_min(0).sqrt()
+    sv = sv if sv is not None else norm_v.clamp_min(0).sqrt()
+    return (2.0 * max(u.kappa(), v.kappa()) * unit_roundoff(su)) * su * sv
 
 
 def cross(u: Use, v: Use, op: Op) -> torch.Tensor:
@@ -90,6 +148,21 @@ class LinearUse(Use):
             return self.norm
         return op("linear_norm", self.a, self.g, self.method)
 
+    def magnitude(self) -> torch.Tensor:
+        dt = torch.promote_types(self.a.dtype, torch.float32)
+        return (self.a.to(dt).norm(dim=-1) * self.g.to(dt).norm(dim=-1)).sum(1)
+
+    def kappa(self) -> int:
+        return self.a.shape[-1] + self.g.shape[-1] + 2 * self.a.shape[1] + 16
+
+    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+        T = self.a.shape[1]
+        if T <= 1:  # ||a||^2 ||g||^2: products of sums of squares, no cancellation
+            return None
+        S = self.magnitude()
+        # whichever of ghost and direct the op chose: the larger bound holds for both
+        return torch.maximum(gram_error(S, self.kappa()), sum_error(norm_sq, S, T))
+
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.a.dtype, torch.float32)
         return torch.einsum("btp,btd->bpd", self.g.to(dt), self.a.to(dt))
@@ -114,6 +187,19 @@ class BiasUse(Use):
         if self.norm is not None:
             return self.norm
         return op("linear_bias_norm", self.g)
+
+    def magnitude(self) -> torch.Tensor:
+        return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).norm(dim=-1).sum(1)
+
+    def kappa(self) -> int:
+        return self.g.shape[-1] + 2 * self.g.shape[1] + 16
+
+    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+        if self.g.shape[1] <= 1:
+            return None
+        S = self.magnitude()
+        return torch.maximum(gram_error(S, self.kappa()),
+                             sum_error(norm_sq, S, self.g.shape[1]))
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).sum(1)

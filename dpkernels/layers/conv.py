@@ -9,11 +9,13 @@ captured convolution, exactly as torch does it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import BiasUse, Op, Use
+from dpkernels.layers.base import BiasUse, Op, Use, gram_error, sum_error
 from dpkernels.layers.linear import cast_for_autocast, check_input_dtype
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -59,6 +61,36 @@ class ConvUse(Use):
 
     def raw_norm(self, op: Op) -> torch.Tensor:
         return op("conv_norm", self.x, self.g, self.weight_shape, *self.conf, self.method)
+
+    def group_magnitudes(self) -> torch.Tensor:
+        """[B, G] ``S_bj = sum_t |patch_t| |g_t|`` per group j (cancellation bound, base.py):
+        patch norms from a convolution of ``x^2`` with a kernel of ones, never an unfold."""
+        stride, padding, dilation, G = self.conf
+        dt = torch.promote_types(self.x.dtype, torch.float32)
+        x2 = self.x.to(dt).square()
+        ones = torch.ones(G, *self.weight_shape[1:], dtype=dt, device=x2.device)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x2.dim() - 3]
+        patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
+        B = self.x.shape[0]
+        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, -1).norm(dim=2)  # [B, G, T]
+        return (patch.reshape(B, G, -1) * gn).sum(-1)
+
+    def magnitude(self) -> torch.Tensor:
+        return self.group_magnitudes().sum(1)
+
+    def kappa(self) -> int:
+        T = math.prod(self.g.shape[2:])
+        return (math.prod(self.weight_shape[1:]) + self.weight_shape[0] // self.conf[3]
+                + 2 * T + 16)
+
+    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+        T = math.prod(self.g.shape[2:])
+        if T <= 1:
+            return None
+        S = self.group_magnitudes()  # [B, G]: the norm is a sum of per-group Linear norms
+        ghost = gram_error(S, self.kappa()).sum(1)
+        direct = sum_error(norm_sq.unsqueeze(1), S, T).sum(1)  # each group's norm <= the total
+        return torch.maximum(ghost, direct)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.x.dtype, torch.float32)
