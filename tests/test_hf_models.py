@@ -4,13 +4,16 @@ their own docs call them, against the float64 oracle."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import check_engine
+from oracle import RTOL_F64, check_engine, rel_err
 from torch.overrides import TorchFunctionMode
+
+import dpkernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,3 +172,38 @@ def test_gpt2_peft_lora_adapters_only():
     assert trainable and all("lora_" in n for n in trainable)
     x, y = tokens()
     exact(m, lm_loss, x, y)
+
+
+def dp_step(model, x, y):
+    """(per-sample norms, {name: grad}) of one noiseless DP step."""
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3,
+                                backend="reference")
+    lm_loss(model(x), y).backward()
+    dp.step()
+    dpkernels.detach(model)
+    return dp.per_sample_norms, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(reentrant):
+    """HF's gradient_checkpointing_enable(): each layer's forward re-runs inside the backward;
+    every use is recorded once.  GPT-2: exact against the oracle on the same model without
+    checkpointing.  Llama (whose norms compute in float32 on purpose, see KeepFloat64, which
+    does not reach the re-run inside the backward): the same as without checkpointing."""
+    m = gpt2()
+    ref = copy.deepcopy(m)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert m.is_gradient_checkpointing and not ref.is_gradient_checkpointing
+    x, y = tokens(seed=2)
+    exact(m, lm_loss, x, y, reference=ref)
+
+    m = llama_like("llama", tied=True)
+    plain = dp_step(copy.deepcopy(m), x, y)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        ckpt = dp_step(m, x, y)
+    assert rel_err(ckpt[0], plain[0]) < RTOL_F64
+    for n, g in plain[1].items():
+        assert rel_err(ckpt[1][n], g) < RTOL_F64, n
