@@ -301,3 +301,26 @@ def test_scale_shift_on_the_op_path_low_memory():
     y = torch.randint(0, 3, (6,))
     for mode in ("fast", "low-memory"):
         exact(copy.deepcopy(m), ce("mean"), x, y, mode=mode)
+
+
+def test_batch_one_ids_before_the_batch_is_known_refused():
+    """Position ids [1, T] looked up before any layer has shown the batch size cannot be
+    expanded; their summed backprop is refused with the fix, not silently used."""
+
+    class PosFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.tok = nn.Embedding(6, 4), nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, x):
+            p = self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+            return self.head(p + self.tok(x))
+
+    m = PosFirst().double()
+    dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                           max_grad_norm=1.0, expected_batch_size=3)
+    out = m(torch.randint(0, 10, (3, 5)))
+    with pytest.raises(ValueError, match=r"pos \(Embedding\) got ids of batch 1.*expand\(B"):
+        out.sum().backward()
+    dpkernels.detach(m)
