@@ -65,7 +65,7 @@ def exact(model, loss_fn, x, y, float64=False, **kw):
 def gpt2(**kw):
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0, **kw)
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager", **kw)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).double()
 
@@ -207,3 +207,12 @@ def test_gradient_checkpointing(reentrant):
     assert rel_err(ckpt[0], plain[0]) < RTOL_F64
     for n, g in plain[1].items():
         assert rel_err(ckpt[1][n], g) < RTOL_F64, n
+
+
+def test_gpt2_float32_triton():
+    """The op rules' Uses through the Triton kernels (the interpreter on CPU), float32 model:
+    both sides compute in float32, so the rule of test_triton_engine.py applies (rtol 1e-4:
+    ten times the ~1e-5 rounding of float32 sums of <= ~100 terms)."""
+    m = gpt2().float()
+    x, y = tokens()
+    exact(m, lm_loss, x, y, backend="triton", rtol=1e-4)

@@ -186,6 +186,9 @@ def _linear_uses(call, B, a3, g3, w, b, transposed):
     from ``a3`` [B, T, d] and ``g3`` [B, T, p]."""
     uses = []
     method = call.engine.norm_method
+    if a3.dtype != g3.dtype and a3.is_floating_point():
+        # under autocast the op ran in g's dtype on a cast of the saved input
+        a3 = a3.to(g3.dtype)
     if w is not None:
         if transposed:  # G_b = sum_t a_t g_t^T: a LinearUse with the roles swapped
             fast = lambda: LinearUse(g3, a3, method)  # noqa: E731
