@@ -324,3 +324,38 @@ def test_batch_one_ids_before_the_batch_is_known_refused():
     with pytest.raises(ValueError, match=r"pos \(Embedding\) got ids of batch 1.*expand\(B"):
         out.sum().backward()
     dpkernels.detach(m)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma3-style: the parent's lookup times a constant, in the subclass's own forward."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class OffsetPositions(nn.Embedding):
+    """OPT-style learned positions: ids shifted by an offset, then the parent's lookup."""
+
+    def forward(self, positions):
+        return super().forward(positions + 2)
+
+
+def test_embedding_subclasses_on_the_embedding_op_rule():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = ScaledEmbedding(11, 8, padding_idx=0), OffsetPositions(9, 8)
+            self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 11, bias=False)
+            self.head.weight = self.tok.weight  # tied: EmbeddingUse x LinearUse cross terms
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+            return self.head(self.norm(self.tok(x) + self.pos(pos)))
+
+    torch.manual_seed(0)
+    m = LM().double()
+    assert find_handler(m.tok) is opcapture.HANDLER
+    x = torch.randint(0, 11, (4, 6))
+    x[0, -1] = 0
+    y = torch.randint(0, 11, (4, 6))
+    exact(m, ce("mean"), x, y)

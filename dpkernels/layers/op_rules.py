@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_unflatten
 
 from dpkernels.layers.base import BiasUse, LinearUse
+from dpkernels.layers.embedding import EmbeddingUse
 from dpkernels.layers.opcapture import Decline, OpCall, Tracked
 
 RULES: dict = {}
@@ -326,3 +327,40 @@ def group_norm(call: OpCall):
     return _norm(call, x, w, b, lambda xs, g, nw, nb: call.engine.op(
         "group_norm_psg", xs, g, groups, eps, nw, nb))
 
+
+
+@rule(F.embedding, torch.embedding)
+def embedding(call: OpCall):
+    """``F.embedding(ids, W, padding_idx)`` in a module's own forward (an Embedding subclass
+    that scales or offsets around ``super().forward``, e.g. OPT's learned positions)."""
+    a, k = tree_args(call)
+    ids = a[0]
+    W = a[1] if len(a) > 1 else k.get("weight")
+    wt = _tracked_at(call, W)
+    if call.func is torch.embedding:  # the aten signature: (weight, indices, padding_idx, ...)
+        W, ids = ids, W
+        wt = _tracked_at(call, W)
+        pad = a[2] if len(a) > 2 else k.get("padding_idx", -1)
+        rest = a[3:]
+    else:
+        pad = a[2] if len(a) > 2 else k.get("padding_idx")
+        rest = a[3:] + tuple(k.get(n) for n in ("max_norm", "scale_grad_by_freq", "sparse"))
+    if wt is None or len(call.hits) != 1 or W.dim() != 2 or ids.dim() < 1:
+        raise Decline(call.func, "the parameter is not its 2-D weight")
+    if any(r not in (None, False, 2.0, 2) for r in rest):
+        raise Decline(call.func, "max_norm, scale_grad_by_freq or sparse")
+    if pad is not None and pad < 0:
+        pad = pad + W.shape[0] if pad >= -W.shape[0] and call.func is F.embedding else None
+    B, T = call.batch(ids.shape[0]), math.prod(ids.shape[1:])
+    V = W.shape[0]
+    out = call.run()
+
+    def record(g, ids_s):
+        i2, g3 = ids_s.reshape(B, T), g.reshape(B, T, g.shape[-1])
+        if wt.fn is None:
+            use = EmbeddingUse(i2, g3, pad, V)
+        else:
+            use = wt.use(EmbeddingUse(i2, _f32(g3), pad, V).raw_dense(call.engine.op))
+        call.engine.record(call.name, B, [(wt.param, use)])
+
+    return call.tap(out, record, ids)
