@@ -292,7 +292,9 @@ def test_scale_shift_on_the_op_path_low_memory():
             self.b = nn.Parameter(torch.randn(4, 1, 1))
 
         def forward(self, x):
-            return (x * self.w + self.b) * self.w  # w used twice: cross terms
+            h = (x * self.w + self.b) * self.w  # w used twice: cross terms
+            h += 1.0  # an op output modified in place
+            return h
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), ScaleShift(), nn.Tanh(), nn.Flatten(),
@@ -359,3 +361,26 @@ def test_embedding_subclasses_on_the_embedding_op_rule():
     x[0, -1] = 0
     y = torch.randint(0, 11, (4, 6))
     exact(m, ce("mean"), x, y)
+
+
+def test_random_op_on_a_parameter_refused():
+    """Weight dropout draws a mask on the parameter itself: the mapping back from the op's
+    per-sample gradients would replay another mask, so it is refused at the forward."""
+
+    class WeightDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return x * F.dropout(self.w, 0.5, self.training)
+
+    m = nn.Sequential(nn.Linear(4, 5), WeightDrop()).double()
+    dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                           max_grad_norm=1.0, expected_batch_size=3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"1 \(WeightDrop\).*dropout.*parameter"):
+        m(x)
+    m.eval()
+    m(x)  # no randomness in eval mode
+    dpkernels.detach(m)

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -93,9 +94,9 @@ class CaptureMode(TorchFunctionMode):
     """Active inside one module's forward: tracks tensors computed from its own parameters
     and sends every call mixing them with data to the op's rule."""
 
-    def __init__(self, engine, name: str, params: dict[nn.Parameter, str]) -> None:
+    def __init__(self, engine, name: str, params: dict[nn.Parameter, str], kind: str) -> None:
         super().__init__()
-        self.engine, self.name, self.param_names = engine, name, params
+        self.engine, self.name, self.param_names, self.kind = engine, name, params, kind
         # id -> (tensor, Tracked); the tensor is kept so that an id is never reused meanwhile
         self.tracked: dict[int, tuple[torch.Tensor, Tracked]] = {
             id(p): (p, Tracked(p)) for p in params}
@@ -149,6 +150,14 @@ class CaptureMode(TorchFunctionMode):
         if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
             raise Decline(func, "it modifies a parameter in place")
         a, k = tree_unflatten(flat, spec)
+        if _random(func, a, k):
+            raise ValueError(
+                f"dpkernels: {self.name} ({self.kind}) applies {op_name(func)} (random) to its "
+                f"parameter "
+                f"{self.param_names[hits[0][1].param]!r}; its per-sample gradients would need "
+                "the same random draw again, which cannot be replayed; apply the randomness to "
+                "the data instead, or turn it off in training"
+            )
         out = func(*a, **k)
         param = hits[0][1].param
 
@@ -173,6 +182,21 @@ class CaptureMode(TorchFunctionMode):
                 if isinstance(o, torch.Tensor):
                     self.track(o, Tracked(param, lambda v, j=j: fn(v)[j]))
         return out
+
+
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout, torch.dropout}
+_RANDOM = {torch.bernoulli, torch.Tensor.bernoulli, torch.rand_like, torch.randn_like,
+           torch.randint_like, torch.normal, torch.poisson, torch.multinomial}
+
+
+def _random(func, a, k) -> bool:
+    """A random draw on a parameter (dropout only with p > 0 in training)."""
+    if func in _DROPOUTS:
+        p = a[1] if len(a) > 1 else k.get("p", 0.5)
+        train = a[2] if len(a) > 2 else k.get("training", k.get("train", True))
+        return bool(p) and bool(train)
+    return func in _RANDOM
 
 
 def _expand_as(flat):
@@ -226,7 +250,9 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, out, record, n_saved, *rest):
         ctx.save_for_backward(*rest[:n_saved])
         ctx.record, ctx.n = record, len(rest)
-        return out.view_as(out)
+        # a copy, not a view: autograd forbids in-place changes of a custom Function's view
+        # outputs, and models do modify op outputs in place (h = x * w; h += r)
+        return out.clone()
 
     @staticmethod
     def backward(ctx, g):
@@ -258,7 +284,7 @@ class OpCaptureHandler:
                 engine.note_batch(first.shape[0])
             engine.on_forward(name)
             try:
-                with CaptureMode(engine, name, own):
+                with CaptureMode(engine, name, own, type(module).__name__):
                     return orig(*args, **kwargs)
             except Decline as e:
                 self.declined[module] = e
