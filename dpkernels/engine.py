@@ -158,7 +158,7 @@ class Engine:
         self.param_index = {p: i for i, p in enumerate(self.params)}
         self._hooked = {p for p in self.params if p.requires_grad}
         self.attached = True
-        self._hooks.append(model.register_forward_pre_hook(self._new_forward))
+        self._hooks.append(model.register_forward_pre_hook(_ForwardStart(self)))
         setattr(model, _ENGINE_ATTR, self)
 
     def _check_not_captured(self, module: nn.Module, name: str) -> None:
@@ -235,9 +235,6 @@ class Engine:
             self.bypass = old
 
     # ------------------------------------------------------------------ capture
-    def _new_forward(self, module, args) -> None:
-        self.forward_batch = None
-
     def note_batch(self, n: int) -> int | None:
         """A captured input's batch dimension ``n``; returns the forward's micro-batch size
         (None while only batch-1 inputs have been seen)."""
@@ -527,6 +524,24 @@ def _none():
 def _queue_end_of_backward(fn: Callable[[], None]) -> None:
     """Run ``fn`` when the autograd pass now executing has finished."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+class _ForwardStart:
+    """The model's forward pre-hook: a new forward pass, whose batch size is not known yet.
+    A copy of the model (``copy.deepcopy``, ``torch.save``) gets one that does nothing."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, module, args) -> None:
+        if self.engine is not None:
+            self.engine.forward_batch = None
+
+    def __deepcopy__(self, memo):
+        return _ForwardStart(None)
+
+    def __reduce__(self):
+        return (_ForwardStart, (None,))
 
 
 class _CapturedForward:
