@@ -208,6 +208,17 @@ def _linear_uses(call, B, a3, g3, w, b, transposed):
     return uses
 
 
+def _linear_tap(call: OpCall, x, B: int, T: int, wt, bt, transposed: bool):
+    """Run a Linear-like op on ``x`` (B*T rows of width d) and tap it for its weight/bias."""
+    out = call.run()
+
+    def record(g, xs):
+        a3, g3 = xs.reshape(B, T, xs.shape[-1]), g.reshape(B, T, g.shape[-1])
+        call.engine.record(call.name, B, _linear_uses(call, B, a3, g3, wt, bt, transposed))
+
+    return call.tap(out, record, x)
+
+
 def _tracked_at(call: OpCall, value) -> Tracked | None:
     for i, tr in call.hits:
         if call.flat[i] is value:
@@ -228,13 +239,7 @@ def addmm(call: OpCall):
     if bt is not None and not (bias.dim() == 1 or (bias.dim() == 2 and bias.shape[0] == 1)):
         raise Decline(call.func, "its bias varies per row")
     B, T = _rows(call, x)
-    out = call.run()
-
-    def record(g, xs):
-        a3, g3 = xs.reshape(B, T, xs.shape[-1]), g.reshape(B, T, g.shape[-1])
-        call.engine.record(call.name, B, _linear_uses(call, B, a3, g3, wt, bt, True))
-
-    return call.tap(out, record, x)
+    return _linear_tap(call, x, B, T, wt, bt, True)
 
 
 @rule(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
@@ -249,13 +254,7 @@ def matmul(call: OpCall):
         B, T = _rows(call, x)
     else:
         B, T = call.batch(x.shape[0]), math.prod(x.shape[1:-1])
-    out = call.run()
-
-    def record(g, xs):
-        a3, g3 = xs.reshape(B, T, xs.shape[-1]), g.reshape(B, T, g.shape[-1])
-        call.engine.record(call.name, B, _linear_uses(call, B, a3, g3, wt, None, True))
-
-    return call.tap(out, record, x)
+    return _linear_tap(call, x, B, T, wt, None, True)
 
 
 @rule(F.linear, torch.nn.functional.linear)
@@ -269,13 +268,7 @@ def linear(call: OpCall):
         raise Decline(call.func, "its input is a parameter or has no batch dimension")
     wt, bt = _tracked_at(call, W), _tracked_at(call, bias) if bias is not None else None
     B, T = call.batch(x.shape[0]), math.prod(x.shape[1:-1])
-    out = call.run()
-
-    def record(g, xs):
-        a3, g3 = xs.reshape(B, T, xs.shape[-1]), g.reshape(B, T, g.shape[-1])
-        call.engine.record(call.name, B, _linear_uses(call, B, a3, g3, wt, bt, False))
-
-    return call.tap(out, record, x)
+    return _linear_tap(call, x, B, T, wt, bt, False)
 
 
 def _norm(call: OpCall, x, weight, bias, psg):
@@ -296,37 +289,34 @@ def _norm(call: OpCall, x, weight, bias, psg):
     return call.tap(out, record, x)
 
 
+def _bind(call: OpCall, names: str, **defaults) -> dict:
+    """The call's arguments by name, positional ones in the order of ``names``."""
+    a, k = tree_args(call)
+    return {**defaults, **dict(zip(names.split(), a)), **k}
+
+
 @rule(F.layer_norm, torch.layer_norm)
 def layer_norm(call: OpCall):
-    a, k = tree_args(call)
-    x, shape = a[0], tuple(a[1] if len(a) > 1 else k["normalized_shape"])
-    w = a[2] if len(a) > 2 else k.get("weight")
-    b = a[3] if len(a) > 3 else k.get("bias")
-    eps = a[4] if len(a) > 4 else k.get("eps", 1e-5)
-    return _norm(call, x, w, b, lambda xs, g, nw, nb: call.engine.op(
+    v = _bind(call, "input normalized_shape weight bias eps", weight=None, bias=None, eps=1e-5)
+    shape, eps = tuple(v["normalized_shape"]), v["eps"]
+    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb: call.engine.op(
         "layer_norm_psg", xs, g, shape, eps, nw, nb))
 
 
 @rule(F.rms_norm, torch.rms_norm)
 def rms_norm(call: OpCall):
-    a, k = tree_args(call)
-    x, shape = a[0], tuple(a[1] if len(a) > 1 else k["normalized_shape"])
-    w = a[2] if len(a) > 2 else k.get("weight")
-    eps = a[3] if len(a) > 3 else k.get("eps")
-    return _norm(call, x, w, None, lambda xs, g, nw, nb: (
+    v = _bind(call, "input normalized_shape weight eps", weight=None, eps=None)
+    shape, eps = tuple(v["normalized_shape"]), v["eps"]
+    return _norm(call, v["input"], v["weight"], None, lambda xs, g, nw, nb: (
         call.engine.op("rms_norm_psg", xs, g, shape, eps), None))
 
 
 @rule(F.group_norm, torch.group_norm)
 def group_norm(call: OpCall):
-    a, k = tree_args(call)
-    x, groups = a[0], a[1] if len(a) > 1 else k["num_groups"]
-    w = a[2] if len(a) > 2 else k.get("weight")
-    b = a[3] if len(a) > 3 else k.get("bias")
-    eps = a[4] if len(a) > 4 else k.get("eps", 1e-5)
-    return _norm(call, x, w, b, lambda xs, g, nw, nb: call.engine.op(
+    v = _bind(call, "input num_groups weight bias eps", weight=None, bias=None, eps=1e-5)
+    groups, eps = v["num_groups"], v["eps"]
+    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb: call.engine.op(
         "group_norm_psg", xs, g, groups, eps, nw, nb))
-
 
 
 @rule(F.embedding, torch.embedding)

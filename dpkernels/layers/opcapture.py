@@ -123,8 +123,8 @@ class CaptureMode(TorchFunctionMode):
                     hits.append((i, tr))
         if not hits:
             return func(*args, **kwargs)
-        if func in _SHAPE_ONLY:
-            # p.expand_as(x), p.type_as(x), p.to(x): x gives a shape or dtype, not data
+        if func in _SHAPE_ONLY and len(hits) == 1 and hits[0][0] == 0:
+            # p.expand_as(x), p.type_as(x): x gives a shape or a dtype, not data
             func, flat, spec = _SHAPE_ONLY[func](flat)
             data = False
         if not data:
@@ -134,6 +134,8 @@ class CaptureMode(TorchFunctionMode):
         rule = RULES.get(func)
         if rule is None:
             raise Decline(func, "no op rule for it")
+        if kwargs.get("out") is not None:
+            raise Decline(func, "out= writes into a tensor the capture does not see")
         for _, tr in hits:
             if tr.param in self.used:
                 # a second use inside one forward: the engine must keep both for the cross
@@ -147,7 +149,7 @@ class CaptureMode(TorchFunctionMode):
         if len(params) > 1:
             raise Decline(func, "it combines two parameters without data")
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
+        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
             raise Decline(func, "it modifies a parameter in place")
         a, k = tree_unflatten(flat, spec)
         if _random(func, a, k):
@@ -184,6 +186,9 @@ class CaptureMode(TorchFunctionMode):
         return out
 
 
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod",
+                                             "pow", "matmul", "and", "or", "xor", "lshift",
+                                             "rshift")}
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
              F.feature_alpha_dropout, torch.dropout}
 _RANDOM = {torch.bernoulli, torch.Tensor.bernoulli, torch.rand_like, torch.randn_like,
