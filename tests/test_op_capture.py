@@ -178,7 +178,8 @@ def test_activation_checkpointing_op_path(reentrant):
     ref = copy.deepcopy(m)
     ref.checkpoint = None
     x, y = images()
-    exact(m, ce("mean"), x, y, reference=ref)
+    for mode in ("fast", "low-memory"):  # low-memory: two backward passes, two re-runs
+        exact(copy.deepcopy(m), ce("mean"), x, y, reference=ref, mode=mode)
 
 
 @pytest.mark.parametrize("model", [TinyViT, TinyConvNeXt])
