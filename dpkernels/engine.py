@@ -492,6 +492,7 @@ class Engine:
                 "before the forward if the gradient was stale"
             )
 
+
 def recomputing() -> bool:
     """True inside a backward pass (where only activation checkpointing runs forwards)."""
     return torch._C._current_graph_task_id() != -1
