@@ -2,6 +2,7 @@
 
 from dpkernels.accounting import epsilon, epsilon_from_history, noise_multiplier_for
 from dpkernels.data import PoissonBatchSampler, micro_batches, poisson_loader, use_loader
+from dpkernels.layers import register_module_rule
 from dpkernels.optim import DPOptimizer, detach, make_private
 
 __version__ = "0.1.0"
@@ -10,6 +11,7 @@ __all__ = [
     "DPOptimizer",
     "make_private",
     "detach",
+    "register_module_rule",
     "epsilon",
     "epsilon_from_history",
     "noise_multiplier_for",

@@ -86,6 +86,11 @@ class Engine:
         self.err_sq: torch.Tensor | None = None
         self.batch_size: int | None = None
         self.first_module: str | None = None
+        # The micro-batch size of the forward pass in progress, from the first captured input
+        # with a batch other than 1 (reset when the model's own forward starts): a captured
+        # layer whose input has batch 1 inside a B-batch forward (HF's [1, T] position ids)
+        # is broadcast against the batch, and is expanded to B so its backprop is per sample.
+        self.forward_batch: int | None = None
         # across micro-batches of one logical step
         self.acc: dict[nn.Parameter, torch.Tensor] = {}
         self.last_norms: torch.Tensor | None = None
@@ -155,6 +160,7 @@ class Engine:
         self.param_index = {p: i for i, p in enumerate(self.params)}
         self._hooked = {p for p in self.params if p.requires_grad}
         self.attached = True
+        self._hooks.append(model.register_forward_pre_hook(_ForwardStart(self)))
         setattr(model, _ENGINE_ATTR, self)
 
     def _check_not_captured(self, module: nn.Module, name: str) -> None:
@@ -231,9 +237,20 @@ class Engine:
             self.bypass = old
 
     # ------------------------------------------------------------------ capture
+    def note_batch(self, n: int) -> int | None:
+        """A captured input's batch dimension ``n``; returns the forward's micro-batch size
+        (None while only batch-1 inputs have been seen)."""
+        if self.forward_batch is None and n != 1:
+            self.forward_batch = n
+        return self.forward_batch
+
     def on_forward(self, name: str) -> None:
         """Called by every captured forward: refuse to mix two micro-batches' backprops."""
         if not self.attached:
+            return
+        if recomputing():
+            # activation checkpointing re-runs the forward inside the backward: the layers'
+            # backward that will record are the original forward's, so this is no new use
             return
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.uses and torch.is_grad_enabled():
@@ -494,6 +511,12 @@ class Engine:
                 "before the forward if the gradient was stale"
             )
 
+
+def recomputing() -> bool:
+    """True inside a backward pass (where only activation checkpointing runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
@@ -521,6 +544,24 @@ def _none():
 def _queue_end_of_backward(fn: Callable[[], None]) -> None:
     """Run ``fn`` when the autograd pass now executing has finished."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+class _ForwardStart:
+    """The model's forward pre-hook: a new forward pass, whose batch size is not known yet.
+    A copy of the model (``copy.deepcopy``, ``torch.save``) gets one that does nothing."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, module, args) -> None:
+        if self.engine is not None:
+            self.engine.forward_batch = None
+
+    def __deepcopy__(self, memo):
+        return _ForwardStart(None)
+
+    def __reduce__(self):
+        return (_ForwardStart, (None,))
 
 
 class _CapturedForward:

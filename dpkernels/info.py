@@ -47,6 +47,13 @@ def report() -> str:
     elif not ok:
         why = "not built"
     lines.append(f"CUDA extension {'built' if ok else why}")
+    from dpkernels import layers
+    from dpkernels.layers import op_rules
+
+    # which capture each module gets (DESIGN.md section 7): module rules, then op rules
+    lines.append("module rules   " + ", ".join(sorted(t.__name__ for t in layers._BUILTIN)))
+    rules = sorted({f.__name__ for f in op_rules.RULES.values()})
+    lines.append("op rules       " + ", ".join(rules))
     devices = ["cpu"] + (["cuda"] if gpu else [])
     for dev in devices:
         ok, why = dispatch.triton_available(dev)

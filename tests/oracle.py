@@ -63,14 +63,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
                  expected_batch_size=None, backend="reference", rtol=RTOL_F64,
-                 norm_method="auto", require_mixed_clipping=True, mode="fast"):
+                 norm_method="auto", require_mixed_clipping=True, mode="fast", reference=None):
     """One DP step against the oracle; returns (norms, grads) of the engine.
 
     ``loss_fn(out, y)`` must take the reduction into account (mean or sum over the batch);
     the oracle calls it on batches of one.  By default ``max_grad_norm`` is the median true
-    norm, so that some samples are clipped and some are not.
+    norm, so that some samples are clipped and some are not.  ``reference``: the model the
+    oracle differentiates, if not a copy of ``model`` (e.g. the same model without
+    activation checkpointing, which torch.func cannot run).
     """
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model if reference is None else reference)
     B = x.shape[0]
     expected_batch_size = expected_batch_size or max(B, 1)
     true_norms, _, _ = oracle(ref, loss_fn, x, y, 1.0, 1, reduction)

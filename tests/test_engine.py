@@ -273,7 +273,8 @@ def test_attach_twice_refused_and_detach_restores():
 
 # ---------------------------------------------------------------- generic fallback
 class Scale(nn.Module):
-    """A module with no fused rule: elementwise scale and shift."""
+    """A module with no fused rule: elementwise scale and shift through ``addcmul``, an op
+    with no op rule (``x * w + b`` is captured by the mul and add op rules)."""
 
     def __init__(self, n):
         super().__init__()
@@ -281,7 +282,7 @@ class Scale(nn.Module):
         self.b = nn.Parameter(torch.randn(n))
 
     def forward(self, x):
-        return x * self.w + self.b
+        return torch.addcmul(self.b, x, self.w)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -289,7 +290,7 @@ def test_generic_fallback_exact_and_warns(reduction):
     model = nn.Sequential(nn.Linear(6, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).double()
     x, y = data(7)
     check_engine_first = nn.Sequential(Scale(6), nn.Tanh(), nn.Linear(6, 3)).double()
-    with pytest.warns(UserWarning, match=r"0 \(Scale\).*generic"):  # input needs no grad
+    with pytest.warns(UserWarning, match=r"0 \(Scale\).*addcmul.*generic"):  # input: no grad
         check_engine(check_engine_first, lambda o, t: F.cross_entropy(o, t, reduction=reduction),
                      x, y, reduction=reduction)
     with pytest.warns(UserWarning, match=r"1 \(Scale\).*generic"):
@@ -305,7 +306,7 @@ def test_generic_parent_with_own_parameter_and_children():
             self.lin = nn.Linear(6, 6)
 
         def forward(self, x):
-            return self.lin(x + self.pos)
+            return self.lin(torch.addcmul(x, self.pos, self.pos))  # addcmul: no op rule
 
     model = nn.Sequential(PosAdd(), nn.Tanh(), nn.Linear(6, 3)).double()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
@@ -340,7 +341,7 @@ def test_generic_tuple_output_refused():
             self.w = nn.Parameter(torch.ones(6))
 
         def forward(self, x):
-            return x * self.w, x * self.w * 2
+            return x.addcmul(x, self.w), x.addcmul(x, self.w, value=2)  # no op rule
 
     class Net(nn.Module):
         def __init__(self):
@@ -352,9 +353,8 @@ def test_generic_tuple_output_refused():
             return a + b
 
     model = Net().double()
-    with pytest.warns(UserWarning):
-        private(model)
-    with pytest.raises(TypeError, match="one tensor"):
+    private(model)
+    with pytest.warns(UserWarning, match="addcmul"), pytest.raises(TypeError, match="one tensor"):
         model(torch.randn(3, 6, dtype=torch.float64))
 
 

@@ -2,26 +2,88 @@
 
 Each handler has ``check(module, name)`` (raise a clear error for configurations it cannot
 handle) and ``forward(engine, module, name, orig_forward, *args, **kwargs)`` (the module's
-forward while attached).  ``find_handler`` picks the handler for a module; modules with
-trainable parameters and no handler get the generic torch.func fallback.
+forward while attached).  ``find_handler`` picks the handler for a module, in the order of
+DESIGN.md section 7: a module rule (registered for its class, or for a parent class whose
+function it computes), else op-level capture of the ops that take its own parameters
+(opcapture.py, rules in op_rules.py), which sends a module using an op no rule covers to
+the generic torch.func fallback (generic.py).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from dpkernels.layers import conv, embedding, generic, linear, norms
+from dpkernels.layers import conv, embedding, generic, linear, norms, op_rules, opcapture
 
 _HANDLERS: list = [linear.HANDLER, *conv.HANDLERS, *embedding.HANDLERS, *norms.HANDLERS]
+_BUILTIN: dict[type, object] = {t: h for h in _HANDLERS for t in h.types}
+_USER: dict[type, object] = {}  # register_module_rule
+
+# Methods a subclass may override and still compute its parent's function.
+_HARMLESS = {"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__",
+             "_load_from_state_dict", "__module__", "__doc__", "__qualname__"}
+
+assert op_rules.RULES  # the op rules register on import
+
+
+def _computes_parent(cls: type, base: type) -> bool:
+    """True if ``cls`` overrides nothing of ``base``'s that its forward may call (forward
+    included), so ``base``'s rule computes ``cls``'s function."""
+    for k in cls.__mro__:
+        if k is base:
+            return True
+        for attr, v in vars(k).items():
+            if attr in _HARMLESS or not hasattr(base, attr):
+                continue
+            if callable(v) or isinstance(v, (property, staticmethod, classmethod)):
+                return False
+    return True
 
 
 def find_handler(module: nn.Module):
-    for h in _HANDLERS:
-        if type(module) in h.types:
+    cls = type(module)
+    for k in cls.__mro__:
+        h = _USER.get(k) or _BUILTIN.get(k)
+        if h is not None and (k is cls or _computes_parent(cls, k)):
             return h
+        if h is not None:
+            break  # a subclass with its own forward: its ops are captured instead
     if isinstance(module, nn.MultiheadAttention):
         return generic.WHOLE_MODULE
-    return generic.HANDLER
+    return opcapture.HANDLER
+
+
+def register_module_rule(cls: type, rule) -> None:
+    """Capture every ``cls`` module (and subclasses that override nothing of it) by ``rule``.
+
+    ``rule`` is either a built-in module class that ``cls`` subclasses (for example
+    ``register_module_rule(MyLayerNorm, nn.LayerNorm)`` when ``MyLayerNorm`` overrides
+    ``forward`` but still computes ``F.layer_norm(x, self.normalized_shape, self.weight,
+    self.bias, self.eps)``), or a handler object with ``check(module, name)`` and
+    ``forward(engine, module, name, orig_forward, *args, **kwargs)`` (see CONTRIBUTING.md).
+    Call it before ``make_private``."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"dpkernels.register_module_rule: {cls!r} is not an nn.Module class")
+    if isinstance(rule, type):
+        handler = _BUILTIN.get(rule)
+        if handler is None:
+            raise ValueError(
+                f"dpkernels.register_module_rule: {rule.__name__} has no built-in rule; pass "
+                f"one of {sorted(t.__name__ for t in _BUILTIN)} or a handler object"
+            )
+        if not issubclass(cls, rule):
+            raise TypeError(
+                f"dpkernels.register_module_rule: {cls.__name__} must subclass "
+                f"{rule.__name__} to use its rule (the rule reads its attributes)"
+            )
+    elif callable(getattr(rule, "forward", None)) and callable(getattr(rule, "check", None)):
+        handler = rule
+    else:
+        raise TypeError(
+            "dpkernels.register_module_rule: rule must be a module class with a built-in rule "
+            f"or an object with check(module, name) and forward(...), got {rule!r}"
+        )
+    _USER[cls] = handler
 
 
 def refuse(module: nn.Module, name: str) -> None:

@@ -132,9 +132,24 @@ class EmbeddingHandler:
         engine.check_device(ids.device)
         engine.on_forward(name)
         pad, V = module.padding_idx, module.num_embeddings
+        batch = engine.note_batch(ids.shape[0])
+        if ids.shape[0] == 1 and batch not in (None, 1):
+            # Batch-1 ids in a B-batch forward (HF's position_ids of shape [1, T]): the output
+            # is broadcast against the batch, and its backprop would arrive summed over the
+            # samples.  Looking up B copies gives the same values wherever the output is
+            # broadcast, and a per-sample backprop.
+            ids = ids.expand(batch, *ids.shape[1:]).contiguous()
 
         def record(ids_saved, g):
             B, T = ids_saved.shape[0], math.prod(ids_saved.shape[1:])
+            if B == 1 and engine.batch_size not in (None, 1):
+                raise ValueError(
+                    f"dpkernels: {name} (Embedding) got ids of batch 1 (shape "
+                    f"{tuple(ids_saved.shape)}) broadcast against a batch of "
+                    f"{engine.batch_size}, before any other layer of the forward showed the "
+                    "batch size, so its per-sample gradients cannot be told apart; pass ids "
+                    "with the batch first (e.g. position_ids.expand(B, -1))"
+                )
             use = EmbeddingUse(ids_saved.reshape(B, T), g.reshape(B, T, g.shape[-1]), pad, V)
             engine.record(name, B, [(w, use)])
 

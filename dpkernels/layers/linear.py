@@ -63,6 +63,7 @@ class LinearHandler:
         check_input_dtype(name, "Linear", x, w)
         engine.check_device(x.device)
         engine.on_forward(name)
+        engine.note_batch(x.shape[0])
 
         def record(x_saved, g):
             B, d, p = x_saved.shape[0], x_saved.shape[-1], g.shape[-1]

@@ -76,6 +76,7 @@ class _NormHandler:
         check_input_dtype(name, self.kind, x, w if w is not None else b)
         engine.check_device(x.device)
         engine.on_forward(name)
+        engine.note_batch(x.shape[0])
 
         def record(x_saved, g):
             gw, gb = self.psg(engine, module, x_saved, g, need_w, need_b)

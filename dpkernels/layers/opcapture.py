@@ -1,0 +1,307 @@
+"""Op-level capture: parameters a module uses in its own forward (DESIGN.md section 7, 2).
+
+A module with trainable parameters of its own and no module rule (HF's ``Conv1D`` and
+``*RMSNorm``, layer-scale ``gamma``, ViT's ``cls_token`` and ``pos_embed``, a LayerNorm
+subclass that permutes its input) runs its forward under a ``TorchFunctionMode`` that reacts
+only to calls taking one of those parameters or a tensor computed from them alone:
+
+- a call whose tensor arguments all come from one parameter (a view, a cast, ``1 + w``,
+  ``p.expand(B, -1, -1)``) runs as it is, and its result is tracked with a function that
+  recomputes it from the parameter (the per-sample gradient is mapped back through it with
+  ``torch.func.vjp``);
+- a call that mixes a tracked tensor with data is a *use*: the rule registered for the op in
+  ``op_rules.py`` runs it with the tracked tensors detached (autograd never hands the
+  parameter a gradient), taps the output's backprop, and turns it into per-sample ``Use``s.
+
+An op with no rule, or a rule that cannot recover the batch structure, raises ``Decline``:
+the module then runs on the generic fallback (warned once, naming the op).  A tracked
+tensor that escapes the rules (returned, stored) still carries the parameter's gradient,
+which the engine's leak hook refuses: nothing reaches a parameter unclipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dpkernels.layers import generic
+from dpkernels.layers.base import DenseUse, Use
+
+
+class Decline(Exception):
+    """An op on a module's own parameter that op-level capture cannot make exact."""
+
+    def __init__(self, op, reason: str) -> None:
+        super().__init__(f"{op_name(op)}: {reason}")
+        self.op, self.reason = op_name(op), reason
+
+
+def op_name(func) -> str:
+    if isinstance(func, str):
+        return func
+    name = getattr(func, "__name__", None) or repr(func)
+    owner = getattr(func, "__objclass__", None)
+    return f"Tensor.{name}" if owner is torch.Tensor or owner is torch._C.TensorBase else name
+
+
+class Tracked:
+    """A tensor computed from ``param`` alone: ``fn(param)`` (``fn`` None: the parameter).
+
+    ``batch_const``: dim 0 is an expand from size 1 to the batch (``cls_token.expand(B, ...)``),
+    so every row of it is the same function of the parameter."""
+
+    def __init__(self, param: nn.Parameter, fn: Callable | None = None,
+                 batch_const: bool = False) -> None:
+        self.param, self.fn, self.batch_const = param, fn, batch_const
+
+    def value(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.fn is None else self.fn(v)
+
+    def use(self, per_sample: torch.Tensor, fast: Callable[[], Use] | None = None) -> Use:
+        """The ``Use`` of the parameter from ``per_sample`` [B, *s]: the per-sample gradients
+        with respect to this tensor (``s`` its shape, with dim 0 as 1 when ``batch_const``).
+        ``fast``: a ghost-norm ``Use`` valid when this is the parameter itself."""
+        if self.fn is None:
+            return fast() if fast is not None else DenseUse(per_sample)
+        p = self.param
+        dt = torch.promote_types(p.dtype, torch.float32)
+        if per_sample.shape[0] == 0:
+            return DenseUse(torch.zeros((0, *p.shape), dtype=dt, device=p.device))
+        v = p.detach().to(dt)
+        fn = self.fn
+        if self.batch_const:  # every row is the same function of p: differentiate row 0
+            def fn(v, f=self.fn):
+                return f(v)[:1]
+        out, vjp_fn = torch.func.vjp(fn, v)
+        psg = torch.func.vmap(vjp_fn)(per_sample.to(out.dtype).reshape(-1, *out.shape))[0]
+        return DenseUse(psg.to(torch.promote_types(psg.dtype, torch.float32)))
+
+
+_EXPANDS = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
+# calls that keep every row along dim 0 equal when they were
+_ROWWISE = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+            torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous, torch.Tensor.clone}
+
+
+class CaptureMode(TorchFunctionMode):
+    """Active inside one module's forward: tracks tensors computed from its own parameters
+    and sends every call mixing them with data to the op's rule."""
+
+    def __init__(self, engine, name: str, params: dict[nn.Parameter, str], kind: str) -> None:
+        super().__init__()
+        self.engine, self.name, self.param_names, self.kind = engine, name, params, kind
+        # id -> (tensor, Tracked); the tensor is kept so that an id is never reused meanwhile
+        self.tracked: dict[int, tuple[torch.Tensor, Tracked]] = {
+            id(p): (p, Tracked(p)) for p in params}
+        self.used: set[nn.Parameter] = set()
+
+    def lookup(self, t) -> Tracked | None:
+        e = self.tracked.get(id(t))
+        return e[1] if e is not None and e[0] is t else None
+
+    def track(self, t: torch.Tensor, tr: Tracked) -> None:
+        self.tracked[id(t)] = (t, tr)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        hits = []
+        data = False
+        for i, a in enumerate(flat):
+            if isinstance(a, torch.Tensor):
+                tr = self.lookup(a)
+                if tr is None:
+                    data = True
+                else:
+                    hits.append((i, tr))
+        if not hits:
+            return func(*args, **kwargs)
+        if func in _SHAPE_ONLY and len(hits) == 1 and hits[0][0] == 0:
+            # p.expand_as(x), p.type_as(x): x gives a shape or a dtype, not data
+            func, flat, spec = _SHAPE_ONLY[func](flat)
+            data = False
+        if not data:
+            return self._param_only(func, flat, spec, hits)
+        from dpkernels.layers.op_rules import RULES
+
+        rule = RULES.get(func)
+        if rule is None:
+            raise Decline(func, "no op rule for it")
+        if kwargs.get("out") is not None:
+            raise Decline(func, "out= writes into a tensor the capture does not see")
+        for _, tr in hits:
+            if tr.param in self.used:
+                # a second use inside one forward: the engine must keep both for the cross
+                # term, also in the first pass of the low-memory mode
+                self.engine.shared.add(tr.param)
+            self.used.add(tr.param)
+        return rule(OpCall(self, func, flat, spec, hits))
+
+    def _param_only(self, func, flat, spec, hits):
+        params = {id(tr.param): tr.param for _, tr in hits}
+        if len(params) > 1:
+            raise Decline(func, "it combines two parameters without data")
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+            raise Decline(func, "it modifies a parameter in place")
+        a, k = tree_unflatten(flat, spec)
+        if _random(func, a, k):
+            raise ValueError(
+                f"dpkernels: {self.name} ({self.kind}) applies {op_name(func)} (random) to its "
+                f"parameter "
+                f"{self.param_names[hits[0][1].param]!r}; its per-sample gradients would need "
+                "the same random draw again, which cannot be replayed; apply the randomness to "
+                "the data instead, or turn it off in training"
+            )
+        out = func(*a, **k)
+        param = hits[0][1].param
+
+        def fn(v):
+            vals = list(flat)
+            for i, tr in hits:
+                vals[i] = tr.value(v)
+            a, k = tree_unflatten(vals, spec)
+            return func(*a, **k)
+
+        if any(out is flat[i] for i, _ in hits):  # a no-op (x.to(its own dtype)): as it was
+            return out
+        if isinstance(out, torch.Tensor):
+            src = flat[hits[0][0]]
+            if func in _EXPANDS:
+                const = out.dim() >= 1 and (src.dim() < out.dim() or src.shape[0] == 1)
+            else:
+                const = func in _ROWWISE and hits[0][1].batch_const
+            self.track(out, Tracked(param, fn, const and out.shape[0] != 1))
+        elif isinstance(out, (tuple, list)):  # split, chunk, unbind
+            for j, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    self.track(o, Tracked(param, lambda v, j=j: fn(v)[j]))
+        return out
+
+
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod",
+                                             "pow", "matmul", "and", "or", "xor", "lshift",
+                                             "rshift")}
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout, torch.dropout}
+_RANDOM = {torch.bernoulli, torch.Tensor.bernoulli, torch.rand_like, torch.randn_like,
+           torch.randint_like, torch.normal, torch.poisson, torch.multinomial}
+
+
+def _random(func, a, k) -> bool:
+    """A random draw on a parameter (dropout only with p > 0 in training)."""
+    if func in _DROPOUTS:
+        p = a[1] if len(a) > 1 else k.get("p", 0.5)
+        train = a[2] if len(a) > 2 else k.get("training", k.get("train", True))
+        return bool(p) and bool(train)
+    return func in _RANDOM
+
+
+def _expand_as(flat):
+    t, other = flat[0], flat[1]
+    return torch.Tensor.expand, [t, *other.shape], tree_flatten(((t, *other.shape), {}))[1]
+
+
+def _type_as(flat):
+    t, other = flat[0], flat[1]
+    return torch.Tensor.to, [t, other.dtype], tree_flatten(((t, other.dtype), {}))[1]
+
+
+_SHAPE_ONLY = {torch.Tensor.expand_as: _expand_as, torch.Tensor.type_as: _type_as}
+
+
+class OpCall:
+    """One call that uses tracked tensors; what its rule needs."""
+
+    def __init__(self, mode: CaptureMode, func, flat, spec, hits) -> None:
+        self.mode, self.func, self.flat, self.spec, self.hits = mode, func, flat, spec, hits
+        self.engine, self.name = mode.engine, mode.name
+
+    def arguments(self):
+        """(args, kwargs) with the tracked tensors detached."""
+        vals = list(self.flat)
+        for i, _ in self.hits:
+            vals[i] = vals[i].detach()
+        return tree_unflatten(vals, self.spec)
+
+    def run(self):
+        a, k = self.arguments()
+        return self.func(*a, **k)
+
+    def batch(self, n: int) -> int:
+        """Check ``n`` (the batch dim the rule reads) against the forward's batch size."""
+        known = self.engine.forward_batch
+        if known is not None and n != known:
+            raise Decline(self.func, f"its data has {n} rows along dim 0 but the batch is "
+                          f"{known}")
+        return n
+
+    def tap(self, out: torch.Tensor, record: Callable, *saved: torch.Tensor) -> torch.Tensor:
+        """``out``, whose backprop ``g`` calls ``record(g, *saved)`` (saved for backward, so
+        activation checkpointing frees and recomputes them)."""
+        params = [tr.param for _, tr in self.hits]
+        return _Tap.apply(out, record, len(saved), *saved, *params)
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, record, n_saved, *rest):
+        ctx.save_for_backward(*rest[:n_saved])
+        ctx.record, ctx.n = record, len(rest)
+        # a copy, not a view: autograd forbids in-place changes of a custom Function's view
+        # outputs, and models do modify op outputs in place (h = x * w; h += r)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.record(g, *ctx.saved_tensors)
+        return (g, None, None, *([None] * ctx.n))
+
+
+class OpCaptureHandler:
+    """Module handler: the module's own forward under ``CaptureMode``."""
+
+    types: tuple = ()
+
+    def __init__(self) -> None:
+        # modules sent to the generic fallback, with the reason (found at their first forward)
+        self.declined: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def check(self, module: nn.Module, name: str) -> None:
+        pass
+
+    def forward(self, engine, module: nn.Module, name: str, orig, *args, **kwargs):
+        own = {p: n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own or not torch.is_grad_enabled():
+            return orig(*args, **kwargs)
+        if module not in self.declined:
+            first = next((a for a in tree_flatten((args, kwargs))[0]
+                          if isinstance(a, torch.Tensor)), None)
+            if first is not None and first.dim() >= 1:
+                engine.check_device(first.device)
+                engine.note_batch(first.shape[0])
+            engine.on_forward(name)
+            try:
+                with CaptureMode(engine, name, own, type(module).__name__):
+                    return orig(*args, **kwargs)
+            except Decline as e:
+                self.declined[module] = e
+                if name in engine.calls:  # the generic fallback counts this forward itself
+                    engine.calls[name] -= 1
+                warnings.warn(
+                    f"dpkernels: {name} ({type(module).__name__}) has no fused per-sample rule "
+                    f"for {e.op} on its own parameters ({e.reason}); its parameters use the "
+                    "generic torch.func fallback (exact, slow)",
+                    stacklevel=3,
+                )
+        return generic.HANDLER.forward(engine, module, name, orig, *args, **kwargs)
+
+
+HANDLER = OpCaptureHandler()

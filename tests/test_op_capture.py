@@ -1,0 +1,387 @@
+"""Op-level capture (parameters used in a module's own forward), handler lookup through the
+class hierarchy, ``register_module_rule``, timm-style models and activation checkpointing,
+against the float64 oracle."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from oracle import ce, check_engine, rel_err
+from torch import nn
+
+import dpkernels
+from dpkernels.layers import find_handler, norms, opcapture
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+def exact(model, loss_fn, x, y, **kw):
+    """The oracle check with every dpkernels warning (e.g. the generic fallback's) an error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        return check_engine(model, loss_fn, x, y, **kw)
+
+
+# ------------------------------------------------------------------ timm-style modules
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: one Bernoulli draw per sample."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(0.5 + torch.rand(d))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, d, heads=2, drop=0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ls1, self.drop_path1 = LayerScale(d), DropPath(drop)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ls2, self.drop_path2 = LayerScale(d), DropPath(drop)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        B, N, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1) @ v
+        x = x + self.drop_path1(self.ls1(self.proj(a.transpose(1, 2).reshape(B, N, d))))
+        h = self.fc2(self.drop(F.gelu(self.fc1(self.norm2(x)))))
+        return x + self.drop_path2(self.ls2(h))
+
+
+class TinyViT(nn.Module):
+    """timm's ViT layout: ``cls_token`` and ``pos_embed`` are bare parameters of the root."""
+
+    def __init__(self, d=16, classes=3, drop=0.0):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 4, 4)
+        self.cls_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(0.1 * torch.randn(1, 5, d))
+        self.pos_drop = nn.Dropout(drop)
+        self.blocks = nn.Sequential(ViTBlock(d, drop=drop), ViTBlock(d, drop=drop))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of [B, C, H, W]."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c, drop=0.0):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma = nn.Parameter(0.5 + torch.rand(c))  # layer scale
+        self.drop_path = DropPath(drop)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
+        x = self.fc2(F.gelu(self.fc1(x))).permute(0, 3, 1, 2)
+        x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.drop_path(x) + shortcut
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self, c=8, classes=3, drop=0.0, checkpoint=None):
+        super().__init__()
+        self.checkpoint = checkpoint  # None, or use_reentrant for torch.utils.checkpoint
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 2, 2), LayerNorm2d(c))
+        self.stages = nn.Sequential(ConvNeXtBlock(c, drop), ConvNeXtBlock(c, drop))
+        self.head_norm, self.head = nn.LayerNorm(c), nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.stages:
+            if self.checkpoint is None:
+                x = block(x)
+            else:
+                x = cp.checkpoint(block, x, use_reentrant=self.checkpoint)
+        return self.head(self.head_norm(x.mean((2, 3))))
+
+
+def perturbed(m):
+    with torch.no_grad():  # norms away from their init, so their affine terms matter
+        for n, p in m.named_parameters():
+            if "norm" in n or "stem.1" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    return m.double()
+
+
+def images(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (B,), generator=g))
+
+
+def test_vit_root_parameters_on_the_op_path():
+    """cls_token (expand then cat) and pos_embed (x + p) on the root module: op rules, the
+    model is not re-run per sample; layer-scale gamma: the mul rule."""
+    torch.manual_seed(0)
+    m = perturbed(TinyViT())
+    assert find_handler(m) is opcapture.HANDLER
+    x, y = images()
+    exact(m, ce("mean"), x, y)
+
+
+def test_convnext_layernorm2d_and_layer_scale():
+    """LayerNorm2d overrides forward (permute + F.layer_norm): not nn.LayerNorm's rule but the
+    layer_norm op rule; gamma.reshape(1, -1, 1, 1) reaches mul through a view."""
+    torch.manual_seed(0)
+    m = perturbed(TinyConvNeXt())
+    assert find_handler(m.stem[1]) is opcapture.HANDLER
+    x, y = images()
+    exact(m, ce("sum"), x, y, reduction="sum")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_op_path(reentrant):
+    """torch.utils.checkpoint around blocks with op-level (gamma) and module rules: the
+    re-run inside the backward records nothing twice; exact against the oracle on the
+    model without checkpointing."""
+    torch.manual_seed(0)
+    m = perturbed(TinyConvNeXt(checkpoint=reentrant))
+    ref = copy.deepcopy(m)
+    ref.checkpoint = None
+    x, y = images()
+    for mode in ("fast", "low-memory"):  # low-memory: two backward passes, two re-runs
+        exact(copy.deepcopy(m), ce("mean"), x, y, reference=ref, mode=mode)
+
+
+@pytest.mark.parametrize("model", [TinyViT, TinyConvNeXt])
+def test_dropout_and_drop_path_in_training(model):
+    """Randomness inside modules on the op path: the rules only read g and the op's own
+    operands, so nothing is replayed.  Exact against per-sample gradients taken with the
+    same masks (the masks are drawn once, from one seed, in both runs: each sample's loss
+    differentiated on its own with B=1 would draw other masks)."""
+    torch.manual_seed(0)
+    m = perturbed(model(drop=0.3)).train()
+    x, y = images(B=5)
+    ref = copy.deepcopy(m)
+    # reference: the batch's per-sample gradients, one backward per sample, same masks
+    torch.manual_seed(1)
+    losses = F.cross_entropy(ref(x), y, reduction="none")
+    psg = {n: [] for n, p in ref.named_parameters()}
+    for b in range(len(y)):
+        gs = torch.autograd.grad(losses[b], list(ref.parameters()), retain_graph=True)
+        for (n, _), gr in zip(ref.named_parameters(), gs):
+            psg[n].append(gr)
+    norms = torch.sqrt(sum(torch.stack(v).flatten(1).pow(2).sum(1) for v in psg.values()))
+    C = norms.median().item()
+    c = (C / (norms + 1e-6)).clamp(max=1.0)
+    dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=C, expected_batch_size=5, loss_reduction="sum",
+                                backend="reference")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        torch.manual_seed(1)
+        F.cross_entropy(m(x), y, reduction="sum").backward()
+    dp.step()
+    assert rel_err(dp.per_sample_norms, norms) < 1e-10
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, torch.tensordot(c, torch.stack(psg[n]), dims=1)) < 1e-10, n
+    dpkernels.detach(m)
+
+
+# ------------------------------------------------------------------ handler lookup
+class PlainLN(nn.LayerNorm):
+    """A subclass that computes its parent's function (timm's plain LayerNorm subclasses)."""
+
+
+class OtherLN(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps) * 2
+
+
+def test_subclass_lookup():
+    assert find_handler(PlainLN(4)) is find_handler(nn.LayerNorm(4))
+    assert find_handler(OtherLN(4)) is opcapture.HANDLER  # its own forward: op rules
+
+
+def test_register_module_rule():
+    class MyLN(nn.LayerNorm):
+        def forward(self, x):  # the same function, written out
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    with pytest.raises(TypeError, match="must subclass"):
+        dpkernels.register_module_rule(MyLN, nn.Linear)
+    with pytest.raises(ValueError, match="no built-in rule"):
+        dpkernels.register_module_rule(MyLN, nn.Tanh)
+    assert find_handler(MyLN(4)) is opcapture.HANDLER
+    dpkernels.register_module_rule(MyLN, nn.LayerNorm)
+    try:
+        assert isinstance(find_handler(MyLN(4)), norms.LayerNormHandler)
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 6), MyLN(6), nn.Linear(6, 3)).double()
+        with torch.no_grad():
+            m[1].weight.add_(torch.randn(6))
+        x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+        exact(m, ce("mean"), x, y)
+    finally:
+        from dpkernels import layers
+
+        layers._USER.pop(MyLN)
+
+
+# ------------------------------------------------------------------ op rules, odd cases
+class RowsNotSamples(nn.Module):
+    """HF Conv1D-like, but on ``x.transpose(0, 1)`` flattened: rows are not in sample order,
+    so the addmm rule cannot tell their samples and must decline."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):  # x [B, T, 4]
+        rows = x.transpose(0, 1).reshape(-1, 4)  # a copy: no base, T*B rows
+        return torch.addmm(self.bias, rows, self.weight).reshape(x.shape[1], x.shape[0], 3)
+
+
+def test_addmm_rows_of_unknown_samples_fall_back():
+    """Never guessed from the row count: the rule declines, and the generic fallback then
+    refuses the module (its output does not have the batch first)."""
+    m = nn.Sequential(nn.Linear(4, 4), RowsNotSamples()).double()
+    dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                           max_grad_norm=1.0, expected_batch_size=5)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"1 \(RowsNotSamples\).*addmm.*generic"):
+        with pytest.raises(ValueError, match="batch"):
+            m(x)
+    dpkernels.detach(m)
+
+
+def test_scale_shift_on_the_op_path_low_memory():
+    class ScaleShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 1, 1))
+            self.b = nn.Parameter(torch.randn(4, 1, 1))
+
+        def forward(self, x):
+            h = (x * self.w + self.b) * self.w  # w used twice: cross terms
+            h += 1.0  # an op output modified in place
+            return h
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), ScaleShift(), nn.Tanh(), nn.Flatten(),
+                      nn.Linear(4 * 5 * 5, 3)).double()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    for mode in ("fast", "low-memory"):
+        exact(copy.deepcopy(m), ce("mean"), x, y, mode=mode)
+
+
+def test_batch_one_ids_before_the_batch_is_known_refused():
+    """Position ids [1, T] looked up before any layer has shown the batch size cannot be
+    expanded; their summed backprop is refused with the fix, not silently used."""
+
+    class PosFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.tok = nn.Embedding(6, 4), nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, x):
+            p = self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+            return self.head(p + self.tok(x))
+
+    m = PosFirst().double()
+    dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                           max_grad_norm=1.0, expected_batch_size=3)
+    out = m(torch.randint(0, 10, (3, 5)))
+    with pytest.raises(ValueError, match=r"pos \(Embedding\) got ids of batch 1.*expand\(B"):
+        out.sum().backward()
+    dpkernels.detach(m)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma3-style: the parent's lookup times a constant, in the subclass's own forward."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class OffsetPositions(nn.Embedding):
+    """OPT-style learned positions: ids shifted by an offset, then the parent's lookup."""
+
+    def forward(self, positions):
+        return super().forward(positions + 2)
+
+
+def test_embedding_subclasses_on_the_embedding_op_rule():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = ScaledEmbedding(11, 8, padding_idx=0), OffsetPositions(9, 8)
+            self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 11, bias=False)
+            self.head.weight = self.tok.weight  # tied: EmbeddingUse x LinearUse cross terms
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+            return self.head(self.norm(self.tok(x) + self.pos(pos)))
+
+    torch.manual_seed(0)
+    m = LM().double()
+    assert find_handler(m.tok) is opcapture.HANDLER
+    x = torch.randint(0, 11, (4, 6))
+    x[0, -1] = 0
+    y = torch.randint(0, 11, (4, 6))
+    exact(m, ce("mean"), x, y)
+
+
+def test_random_op_on_a_parameter_refused():
+    """Weight dropout draws a mask on the parameter itself: the mapping back from the op's
+    per-sample gradients would replay another mask, so it is refused at the forward."""
+
+    class WeightDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return x * F.dropout(self.w, 0.5, self.training)
+
+    m = nn.Sequential(nn.Linear(4, 5), WeightDrop()).double()
+    dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0,
+                           max_grad_norm=1.0, expected_batch_size=3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"1 \(WeightDrop\).*dropout.*parameter"):
+        m(x)
+    m.eval()
+    m(x)  # no randomness in eval mode
+    dpkernels.detach(m)
