@@ -91,6 +91,16 @@ class Engine:
         # layer whose input has batch 1 inside a B-batch forward (HF's [1, T] position ids)
         # is broadcast against the batch, and is expanded to B so its backprop is per sample.
         self.forward_batch: int | None = None
+        # multiple_forwards=False: a second forward of the model (gradients on) before the
+        # backward means two batches paired row by row, refused; True: the calls are views of
+        # the same samples (contrastive views, R-Drop) whose gradients add per sample
+        self.multiple_forwards = False
+        self.root_forwards = 0  # forwards of the model since the last backward recorded
+        # fold() count, and the generation of each module's last forward: a backward over a
+        # forward from before the last fold would count its samples twice
+        self.generation = 0
+        self.forward_generation: dict[str, int] = {}
+        self._grad_nodes: dict[nn.Parameter, object] = {}  # param -> its AccumulateGrad node
         # across micro-batches of one logical step
         self.acc: dict[nn.Parameter, torch.Tensor] = {}
         self.last_norms: torch.Tensor | None = None
@@ -161,6 +171,7 @@ class Engine:
         self._hooked = {p for p in self.params if p.requires_grad}
         self.attached = True
         self._hooks.append(model.register_forward_pre_hook(_ForwardStart(self)))
+        self._hooks.append(model.register_forward_hook(_ForwardEnd(self)))
         setattr(model, _ENGINE_ATTR, self)
 
     def _check_not_captured(self, module: nn.Module, name: str) -> None:
@@ -200,6 +211,7 @@ class Engine:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._grad_nodes.clear()
         self.clear_pending()
         self.acc.clear()
         if getattr(self.model, _ENGINE_ATTR, None) is self:
@@ -248,6 +260,7 @@ class Engine:
         """Called by every captured forward: refuse to mix two micro-batches' backprops."""
         if not self.attached:
             return
+        self.forward_generation[name] = self.generation
         if recomputing():
             # activation checkpointing re-runs the forward inside the backward: the layers'
             # backward that will record are the original forward's, so this is no new use
@@ -279,6 +292,19 @@ class Engine:
                     "added afterwards); its gradient would be neither clipped nor noised. Call "
                     "dpkernels.detach(model) and make_private again after changing parameters"
                 )
+        if self.forward_generation.get(name, self.generation) != self.generation:
+            raise RuntimeError(
+                f"dpkernels: a backward pass reached {name} through a forward whose per-sample "
+                "gradients were already folded in by dp_opt.accumulate()/step(): its samples "
+                "would count twice. For several losses of one forward, call backward on each "
+                "(or on their sum) and accumulate() once after the last"
+            )
+        # torch.autograd.grad(loss, inputs) or backward(inputs=...) runs this layer's backward
+        # without computing (some) parameters' gradients: those uses must not be recorded
+        uses = [(p, u) for p, u in uses if self._will_accumulate(p)]
+        if not uses:
+            return
+        self.root_forwards = 0
         if self.batch_size is None:
             self.batch_size, self.first_module = batch_size, name
             self.loss_scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
@@ -319,6 +345,35 @@ class Engine:
                 self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
+
+    def _will_accumulate(self, p: nn.Parameter) -> bool:
+        node = self._grad_nodes.get(p)
+        if node is None:
+            node = self._grad_nodes[p] = torch.autograd.graph.get_gradient_edge(p).node
+        return torch._C._will_engine_execute_node(node)
+
+    def on_model_forward(self) -> None:
+        """The model's own forward is starting (its forward pre-hook)."""
+        self.forward_batch = None
+        if not self.attached or recomputing() or not torch.is_grad_enabled():
+            return
+        if self.root_forwards >= 1 and not self.multiple_forwards:
+            self.root_forwards = 0
+            raise RuntimeError(
+                "dpkernels: the model was called twice (with gradients enabled) before a "
+                "backward. If the two calls are different samples (two batches, real and fake "
+                "batches of a GAN discriminator), the engine would pair row i of one with row i "
+                "of the other as one sample and clip them together: run a backward (and "
+                "dp_opt.accumulate()) per call, or torch.cat the inputs into one call; run "
+                "evaluation forwards under torch.no_grad(). If they are views of the same "
+                "samples (contrastive views, R-Drop), pass make_private(..., "
+                "multiple_forwards=True)"
+            )
+
+    def on_model_forward_done(self) -> None:
+        """The model's forward returned (a forward that raised does not count)."""
+        if self.attached and not recomputing() and torch.is_grad_enabled():
+            self.root_forwards += 1
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -369,6 +424,7 @@ class Engine:
         self.uses = {}
 
     def clear_pending(self) -> None:
+        self.root_forwards = 0
         self.calls = {}
         self.factors = None
         self.uses = {}
@@ -443,6 +499,8 @@ class Engine:
                     self.acc[p].copy_(part.view(self.acc[p].shape))
             # nothing is pending now: the finalising pass only adds noise and scales
             return self.fold(finalize=True, noise_std=noise_std, scale=scale, seeds=seeds)
+        self.generation += 1
+        self.root_forwards = 0
         with torch.no_grad():  # gradients are leaves: no micro-batch's graph may stay alive
             self._fold(finalize, noise_std, scale, seeds)
 
@@ -555,13 +613,27 @@ class _ForwardStart:
 
     def __call__(self, module, args) -> None:
         if self.engine is not None:
-            self.engine.forward_batch = None
+            self.engine.on_model_forward()
 
     def __deepcopy__(self, memo):
         return _ForwardStart(None)
 
     def __reduce__(self):
         return (_ForwardStart, (None,))
+
+
+class _ForwardEnd(_ForwardStart):
+    """The model's forward hook (after a forward that returned); copies get a no-op."""
+
+    def __call__(self, module, args, output) -> None:
+        if self.engine is not None:
+            self.engine.on_model_forward_done()
+
+    def __deepcopy__(self, memo):
+        return _ForwardEnd(None)
+
+    def __reduce__(self):
+        return (_ForwardEnd, (None,))
 
 
 class _CapturedForward:

@@ -412,6 +412,7 @@ def make_private(
     norm_method: str = "auto",
     mode: str = "fast",
     distributed: bool = False,
+    multiple_forwards: bool = False,
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -424,6 +425,11 @@ def make_private(
     layer by layer), so backprops are not kept: about non-private memory for one more backward
     pass of time.
 
+    ``multiple_forwards=True``: several calls of ``model`` before one backward are views of
+    the *same* samples (row i of every call is sample i: contrastive views, R-Drop), and their
+    gradients add per sample.  By default a second call before the backward raises, because
+    two different batches would be paired row by row and clipped together.
+
     ``distributed=True`` (data-parallel training; do not wrap the model in
     DistributedDataParallel): each process clips its own samples, ``step()`` sums the clipped
     sums across processes (one all-reduce) and adds the noise once, from a seed shared by
@@ -432,6 +438,7 @@ def make_private(
     """
     engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                     backend=backend, norm_method=norm_method, mode=mode)
+    engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
         return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,

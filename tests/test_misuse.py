@@ -321,7 +321,8 @@ def test_deepcopy_of_attached_model_is_independent():
         for p in ema.parameters():
             p.add_(1.0)
     x, y = data()
-    assert not torch.allclose(ema(x), model(x))  # the copy runs its own weights
+    with torch.no_grad():
+        assert not torch.allclose(ema(x), model(x))  # the copy runs its own weights
     ce(ema(x), y).backward()  # plain training of the copy: records nothing into dp
     assert not dp.engine.uses
     assert all(p.grad is not None for p in ema.parameters())
@@ -407,7 +408,7 @@ def test_non_finite_sample_low_memory_mode():
 # ---------------------------------------------------------------- 14: messages that say what
 def test_two_batch_sizes_through_one_module_say_so():
     model = mlp()
-    private(model)
+    private(model, multiple_forwards=True)
     x1, y1 = data(4)
     x2, y2 = data(3, seed=2)
     loss = ce(model(x1), y1) + ce(model(x2), y2)
@@ -495,3 +496,91 @@ def test_lbfgs_is_refused():
     with pytest.raises(ValueError, match="LBFGS"):
         private(model, torch.optim.LBFGS(model.parameters()))
     assert getattr(model, "_dpkernels_engine", None) is None
+
+
+def test_accumulate_between_two_backwards_of_one_forward_is_refused():
+    """Each sample would be clipped and summed twice (2 C per sample)."""
+    model = mlp()
+    dp = private(model)
+    x, y = data()
+    out = model(x)
+    ce(out, y).backward(retain_graph=True)
+    dp.accumulate()
+    with pytest.raises(RuntimeError, match="already folded in"):
+        out.square().mean().backward()
+
+
+def test_input_gradient_before_backward_is_not_recorded():
+    """torch.autograd.grad(loss, x) (saliency, FGSM) runs the layers' backward without
+    parameter gradients: recording it made the engine apply the gradient of 2 * loss."""
+    model = mlp()
+    dp = private(model, max_grad_norm=0.3)
+    x, y = data()
+    grads = expected_grads(model, x, y, 0.3, 9)
+    x.requires_grad_(True)
+    loss = ce(model(x), y)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    loss.backward()
+    dp.step()
+    for n, p in model.named_parameters():
+        assert rel_err(-p.grad, -grads[n]) <= RTOL_F64, n
+
+
+def test_two_forwards_before_one_backward_are_refused():
+    """D(real) + D(fake) would pair real sample i with fake sample i as one sample."""
+    model = mlp()
+    private(model)
+    x1, _ = data(4)
+    x2, _ = data(4, seed=2)
+    model(x1)
+    with pytest.raises(RuntimeError, match="called twice .* multiple_forwards=True"):
+        model(x2)
+    with torch.no_grad():
+        model(x2)  # evaluation forwards are fine
+
+
+def test_multiple_forwards_of_the_same_samples_are_exact():
+    """R-Drop / two views: row i of each call is sample i; its gradient is the sum."""
+    model = mlp()
+    ref = copy.deepcopy(model)
+    dp = private(model, max_grad_norm=0.3, multiple_forwards=True)
+    x, y = data()
+
+    def loss2(m, xb, yb):
+        return ce(m(xb), yb) + ce(m(0.5 * xb), yb)
+
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def f(p, xb, yb):
+        return loss2(lambda z: torch.func.functional_call(ref, p, (z,)), xb[None], yb[None])
+
+    psg = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in psg.values()))
+    c = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    loss2(model, x, y).backward()
+    dp.step()
+    for n, p in model.named_parameters():
+        want = torch.tensordot(c, psg[n], dims=1) / 9
+        assert rel_err(p.grad, want) <= RTOL_F64, n
+
+
+def test_forward_replaced_on_the_instance_is_followed():
+    """accelerate's add_hook_to_module and adapter tricks replace forward on the instance; the
+    Linear rule would run F.linear and silently drop what the replacement does."""
+    import types
+
+    model = mlp()
+    lin = model[2]
+    lin.forward = types.MethodType(lambda self, x: F.linear(x, self.weight, self.bias) * 2.0,
+                                   lin)
+    x, y = data()
+    with torch.no_grad():
+        before = model(x)
+    grads = expected_grads(model, x, y, 0.3, 9)
+    dp = private(model, max_grad_norm=0.3)
+    out = model(x)
+    torch.testing.assert_close(out.detach(), before, rtol=0, atol=0)
+    ce(out, y).backward()
+    dp.step()
+    for n, p in model.named_parameters():
+        assert rel_err(-p.grad, -grads[n]) <= RTOL_F64, n

@@ -42,6 +42,10 @@ def _computes_parent(cls: type, base: type) -> bool:
 
 def find_handler(module: nn.Module):
     cls = type(module)
+    if _instance_forward(module):
+        # a forward replaced on the instance (accelerate hooks, adapter tricks) may compute
+        # anything: capture the ops it runs, never the class's rule
+        return opcapture.HANDLER
     for k in cls.__mro__:
         h = _USER.get(k) or _BUILTIN.get(k)
         if h is not None and (k is cls or _computes_parent(cls, k)):
@@ -51,6 +55,14 @@ def find_handler(module: nn.Module):
     if isinstance(module, nn.MultiheadAttention):
         return generic.WHOLE_MODULE
     return opcapture.HANDLER
+
+
+def _instance_forward(module: nn.Module) -> bool:
+    fwd = module.__dict__.get("forward")
+    if fwd is None:
+        return False
+    # a plain re-binding of the class's own forward (a detached copy) is not an override
+    return getattr(fwd, "__func__", None) is not type(module).forward
 
 
 def register_module_rule(cls: type, rule) -> None:
