@@ -346,13 +346,32 @@ class DPOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.original_optimizer.load_state_dict(state["optimizer"])
+        """Resume from ``state_dict()``: everything that determines the next step (C, sigma,
+        ``expected_batch_size``, ``loss_reduction``, the seed and step count that key the
+        noise) comes from the checkpoint, whatever this optimizer was built with, so a resumed
+        run continues the saved one exactly.  Everything is validated before anything is
+        changed; a bad checkpoint leaves this optimizer as it was."""
         dp = state["dp"]
+        reduction = dp["loss_reduction"]
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"dpkernels: load_state_dict: the checkpoint's loss_reduction must "
+                             f"be 'mean' or 'sum', got {reduction!r}")
+        ebs = dp["expected_batch_size"]
+        if ebs is not None:
+            ebs = _finite("expected_batch_size", ebs, positive=True)
+        elif reduction == "mean":
+            raise ValueError("dpkernels: load_state_dict: the checkpoint has "
+                             "loss_reduction='mean' but no expected_batch_size")
+        C = _finite("max_grad_norm", dp["max_grad_norm"], positive=True)
+        sigma = _finite("noise_multiplier", dp["noise_multiplier"], positive=False)
+        self._refuse_mid_batch("the DP state (load_state_dict)")
+        self.original_optimizer.load_state_dict(state["optimizer"])
         self.steps = int(dp["steps"])
-        self.noise_multiplier = float(dp["noise_multiplier"])
-        self.max_grad_norm = float(dp["max_grad_norm"])
-        self.engine.max_grad_norm = self.max_grad_norm
-        self.expected_batch_size = dp["expected_batch_size"]
+        self.noise_multiplier = sigma
+        self.max_grad_norm = C  # the engine's C: one source of truth
+        self.expected_batch_size = ebs
+        # the engine turns the loss back into per-sample losses with it (loss_scale)
+        self.loss_reduction = self.engine.loss_reduction = reduction
         self.seed = int(dp["seed"])
         self.history = [list(h) for h in dp["history"]]
         self.sample_rate = dp.get("sample_rate")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from noise_stats import check_noise, empty_batch_noise
 from oracle import check_engine, oracle, rel_err
 from torch import nn
 
@@ -34,18 +35,66 @@ def private(model, **kw):
 
 
 # ---------------------------------------------------------------- clipping bound
-@pytest.mark.parametrize("C", [1e-3, 0.05, 1.0, 100.0])
-def test_every_clipped_gradient_within_bound(C):
-    """||c_b g_b|| <= C for the true (float64 torch.func) per-sample gradient."""
+@pytest.mark.parametrize("k", [-1, 0, 7, 14], ids=["all-clipped", "15-clipped", "8-clipped",
+                                                    "1-clipped"])
+def test_every_clipped_gradient_within_bound(k):
+    """The clip factors the engine used: ||c_b g_b|| <= C for the true (float64 torch.func)
+    per-sample gradients, clipped samples land on C (up to the 1e-6 guard in the factor),
+    the others are left alone (c_b = 1, never scaled up), and param.grad is
+    sum_b c_b g_b / B_expected with exactly these c_b.  C sits halfway between two sorted
+    true norms (or below all), so no sample is within rounding of it."""
     model = mlp()
     x, y = data(16)
-    _, _, psg = oracle(copy.deepcopy(model), ce, x, y, C, 16, "mean")
-    dp = private(model, max_grad_norm=C, expected_batch_size=16)
+    _, _, psg = oracle(copy.deepcopy(model), ce, x, y, 1.0, 1, "mean")
+    true = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in psg.values()))
+    s = true.sort().values
+    C = (s[0] / 2 if k < 0 else (s[k] + s[k + 1]) / 2).item()
+    clipped = true > C
+    assert clipped.sum() == (16 if k < 0 else 15 - k)
+    dp = private(model, max_grad_norm=C, expected_batch_size=19)
     ce(model(x), y).backward()
     dp.step()
-    c = (C / (dp.per_sample_norms + 1e-6)).clamp(max=1.0)
-    true = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in psg.values()))
+    c = dp.engine.last_factors
     assert torch.all(c * true <= C * (1 + 1e-12))
+    assert torch.all(c[clipped] * true[clipped] >= C * (1 - 2e-6 / true[clipped]))
+    assert torch.all(c[~clipped] == 1.0)
+    for name, p in model.named_parameters():
+        want = torch.tensordot(c, psg[name], dims=1) / 19
+        assert rel_err(p.grad, want) < 1e-10, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_float32_norm_margin(backend):
+    """float32 norms are raised by the relative margin 2^-16 before the clip factor is taken
+    (DESIGN.md section 6), so that their rounding error cannot let c_b ||g_b|| exceed C: for
+    every clipped sample c_b * norm_b / C = 1 / (1 + 2^-16) (float32 rounding of the factor,
+    ~1e-7, and the 1e-6 guard, ~1e-9 at norms ~1e3, are far below 2^-17).  float64 norms
+    (the oracle's precision) get no margin: c_b * norm_b = C to ~1e-9."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5))
+    x = torch.randn(16, 6)
+    y = torch.randint(0, 5, (16,))
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(base).to(dtype)
+        dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    noise_multiplier=0.0, max_grad_norm=1.0,
+                                    expected_batch_size=16, backend=backend)
+        for _ in range(2):  # the first step measures the norms, the second clips at C
+            (1e3 * F.cross_entropy(model(x.to(dtype)), y)).backward()
+            dp.step()
+            dp.zero_grad()
+            norms = dp.per_sample_norms.double()
+            dp.max_grad_norm = C = norms.median().item()
+        clipped = norms > C
+        assert clipped.sum() >= 7
+        r = dp.engine.last_factors.double()[clipped] * norms[clipped] / C
+        if dtype == torch.float32:
+            assert (r <= 1 - 2**-17).all() and (r >= 1 - 2**-15).all(), r
+        else:
+            assert (r <= 1).all() and (r >= 1 - 1e-8).all(), r
+        dpkernels.detach(model)
 
 
 # ---------------------------------------------------------------- micro-batches
@@ -151,16 +200,14 @@ def test_noise_added_once_with_microbatches():
     assert abs(diff.std().item() / (sigma * C / 12) - 1) < 6 / math.sqrt(2 * n)
 
 
-def test_empty_batch_step_adds_noise():
-    model = mlp()
-    dp = private(model, noise_multiplier=1.0, expected_batch_size=8)
-    x = torch.zeros(0, 6, dtype=torch.float64)
-    y = torch.zeros(0, dtype=torch.long)
-    F.cross_entropy(model(x), y, reduction="sum").backward()
-    dp.step()
-    for p in model.parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    assert dp.per_sample_norms.numel() == 0
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch_step_adds_noise(backend):
+    """An empty Poisson batch still steps: every gradient is noise of std sigma C / B_exp."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 32))  # float32: Triton
+    noise, std = empty_batch_noise(model, torch.zeros(0, 6), backend, steps=8)
+    check_noise(noise, std)
 
 
 # ---------------------------------------------------------------- nothing un-clipped leaks
@@ -373,6 +420,75 @@ def test_state_dict_roundtrip_and_steps():
     dp2.load_state_dict(sd)
     assert dp2.steps == 3 and dp2.noise_multiplier == 0.5 and dp2.seed == dp.seed
     assert dp.param_groups is dp.original_optimizer.param_groups
+
+
+SAVED = dict(noise_multiplier=0.8, max_grad_norm=0.3, expected_batch_size=9,
+             loss_reduction="mean", seed=11)
+OTHER = dict(noise_multiplier=3.0, max_grad_norm=5.0, expected_batch_size=40,
+             loss_reduction="sum", seed=999)
+
+
+def _train_steps(model, dp, first, last):
+    for step in range(first, last):
+        x, y = data(5 + step, seed=100 + step)  # batch sizes vary, as under Poisson sampling
+        ce(model(x), y).backward()  # mean over the batch, as SAVED says
+        dp.step()
+        dp.zero_grad()
+
+
+def _adam_private(model, **kw):
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return dpkernels.make_private(model, opt, backend="reference", **kw)
+
+
+def test_resume_from_state_dict_equals_uninterrupted_run():
+    """Train, save, load into an optimizer built with other C, sigma, expected_batch_size,
+    loss_reduction and seed, train on: bit for bit the uninterrupted run (noise included:
+    the seed and step count key it; the engine must get C and loss_reduction back)."""
+    torch.manual_seed(0)
+    init = mlp()
+    straight = copy.deepcopy(init)
+    dp = _adam_private(straight, **SAVED)
+    _train_steps(straight, dp, 0, 5)
+
+    first = copy.deepcopy(init)
+    dp1 = _adam_private(first, **SAVED)
+    _train_steps(first, dp1, 0, 3)
+    state, weights = copy.deepcopy(dp1.state_dict()), copy.deepcopy(first.state_dict())
+    resumed = mlp()
+    resumed.load_state_dict(weights)
+    dp2 = _adam_private(resumed, **OTHER)
+    dp2.load_state_dict(state)
+    for key, value in SAVED.items():
+        assert getattr(dp2, key) == value, key
+    assert dp2.engine.max_grad_norm == SAVED["max_grad_norm"]
+    assert dp2.engine.loss_reduction == SAVED["loss_reduction"]
+    _train_steps(resumed, dp2, 3, 5)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert dp2.steps == dp.steps and dp2.history == dp.history
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss_reduction", "avg", "loss_reduction"),
+    ("max_grad_norm", 0.0, "max_grad_norm"),
+    ("noise_multiplier", float("nan"), "noise_multiplier"),
+    ("expected_batch_size", None, "expected_batch_size"),
+])
+def test_load_state_dict_refuses_bad_checkpoint_and_changes_nothing(field, value, match):
+    model = mlp()
+    dp = _adam_private(model, **SAVED)
+    _train_steps(model, dp, 0, 1)
+    state = copy.deepcopy(dp.state_dict())
+    state["dp"][field] = value
+    other = mlp()
+    dp2 = _adam_private(other, **OTHER)
+    with pytest.raises(ValueError, match=match):
+        dp2.load_state_dict(state)
+    for key, v in OTHER.items():
+        assert getattr(dp2, key) == v, key
+    assert dp2.engine.loss_reduction == "sum" and dp2.steps == 0
+    assert dp2.original_optimizer.state_dict()["state"] == {}
 
 
 def test_wrapped_optimizer_adam_trains():
