@@ -2,7 +2,8 @@
 
 ``check_engine`` runs one DP step (noise 0) on ``model`` and compares ``per_sample_norms``
 and every ``param.grad`` with ``sum_b c_b g_b / B_expected`` built from ``vmap(grad(...))`` of
-each sample's own loss, on an untouched copy of the model.
+each sample's own loss, on an untouched copy of the model.  ``B_expected`` defaults to the
+realised batch size + 3, so a step that divides by the realised batch instead fails.
 """
 
 from __future__ import annotations
@@ -64,17 +65,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
                  expected_batch_size=None, backend="reference", rtol=RTOL_F64,
                  norm_method="auto", require_mixed_clipping=True, mode="fast", reference=None):
-    """One DP step against the oracle; returns (norms, grads) of the engine.
+    """One DP step against the oracle; returns the engine's (norms, grads): ``per_sample_norms``
+    and ``{name: param.grad}``, both already checked against the oracle.
 
     ``loss_fn(out, y)`` must take the reduction into account (mean or sum over the batch);
     the oracle calls it on batches of one.  By default ``max_grad_norm`` is the median true
-    norm, so that some samples are clipped and some are not.  ``reference``: the model the
-    oracle differentiates, if not a copy of ``model`` (e.g. the same model without
-    activation checkpointing, which torch.func cannot run).
+    norm, so that some samples are clipped and some are not, and ``expected_batch_size`` is
+    ``B + 3`` (never the realised ``B``: dividing by the wrong one must show).  ``reference``:
+    the model the oracle differentiates, if not a copy of ``model`` (e.g. the same model
+    without activation checkpointing, which torch.func cannot run).
     """
     ref = copy.deepcopy(model if reference is None else reference)
     B = x.shape[0]
-    expected_batch_size = expected_batch_size or max(B, 1)
+    if expected_batch_size is None:
+        expected_batch_size = B + 3
     true_norms, _, _ = oracle(ref, loss_fn, x, y, 1.0, 1, reduction)
     if max_grad_norm is None:
         max_grad_norm = true_norms.median().item() * 1.0001
@@ -85,12 +89,13 @@ def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
     dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=max_grad_norm,
                                 expected_batch_size=expected_batch_size, loss_reduction=reduction,
                                 backend=backend, norm_method=norm_method, seed=0, mode=mode)
+    got_grads = {}
     try:
         loss = loss_fn(model(x), y)
         dp.backward(loss)
         dp.step()
-        assert rel_err(dp.per_sample_norms.to(norms.dtype), norms) <= rtol, (
-            dp.per_sample_norms, norms)
+        got_norms = dp.per_sample_norms.clone()
+        assert rel_err(got_norms.to(norms.dtype), norms) <= rtol, (got_norms, norms)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 assert p.grad is None, name
@@ -100,6 +105,7 @@ def check_engine(model, loss_fn, x, y, *, reduction="mean", max_grad_norm=None,
             assert p.grad is not None, name
             err = rel_err(p.grad.to(grads[name].dtype), grads[name])
             assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.3g}"
+            got_grads[name] = p.grad.clone()
     finally:
         dpkernels.detach(model)
-    return norms, grads
+    return got_norms, got_grads

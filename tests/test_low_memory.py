@@ -10,6 +10,8 @@ from test_models import TinyLM, batch, perturbed, token_ce
 from torch import nn
 
 import dpkernels
+from dpkernels.engine import derive_seed
+from dpkernels.reference._common import gaussian
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -57,23 +59,31 @@ def test_low_memory_keeps_no_backprops():
 
 
 def test_low_memory_micro_batches_and_noise_match_fast():
+    """Both modes, micro-batches, noise on: the same gradients, and what the noise added is
+    exactly the reference generator's draw for each parameter's seed, scaled by 1/B_exp."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     x = torch.randn(9, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (9,))
+    sigma, C, B_exp, seed = 0.7, 0.1, 12, 5
     grads = {}
-    for mode in ("fast", "low-memory"):
+    for mode, noise in (("fast", sigma), ("low-memory", sigma), ("low-memory", 0.0)):
         m = copy.deepcopy(base)
         dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0),
-                                    noise_multiplier=0.0, max_grad_norm=0.1,
-                                    expected_batch_size=9, mode=mode, backend="reference")
+                                    noise_multiplier=noise, max_grad_norm=C,
+                                    expected_batch_size=B_exp, mode=mode, backend="reference",
+                                    seed=seed)
         for s in (slice(0, 4), slice(4, 9)):
             dp.backward(F.cross_entropy(m(x[s]), y[s]))
             dp.accumulate()
         dp.step()
-        grads[mode] = [p.grad.clone() for p in m.parameters()]
-    for a, b in zip(grads["fast"], grads["low-memory"]):
+        grads[mode, noise] = [p.grad.clone() for p in m.parameters()]
+        dpkernels.detach(m)
+    for i, (a, b, clean) in enumerate(zip(grads["fast", sigma], grads["low-memory", sigma],
+                                          grads["low-memory", 0.0])):
         assert rel_err(b, a) < 1e-12
+        z = gaussian(a.shape, sigma * C, derive_seed(seed, 0, i), "cpu", torch.float64)
+        assert rel_err(b - clean, z / B_exp) < 1e-12, i
 
 
 def test_low_memory_refuses_plain_backward():
