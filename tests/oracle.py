@@ -8,6 +8,7 @@ realised batch size + 3, so a step that divides by the realised batch instead fa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import dpkernels
+from dpkernels.reference._common import cudnn_exact_fp32
 
 # float64 end to end: both sides make ~1e-16 relative rounding errors per operation; 1e-10
 # leaves five orders of magnitude for sums over a few thousand terms.
@@ -33,8 +35,30 @@ def per_sample_grads(model, loss_fn, x, y):
     return vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Float32 matmuls and convolutions in IEEE float32 inside the block (on CUDA both may
+    default to TF32, whose 10-bit mantissas put a float32 oracle ~1e-3 off); restored after."""
+    matmul = torch.backends.cuda.matmul
+    new_api = getattr(matmul, "fp32_precision", None) is not None
+    old = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "ieee"
+    else:
+        matmul.allow_tf32 = False
+    try:
+        with cudnn_exact_fp32():
+            yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = old
+        else:
+            matmul.allow_tf32 = old
+
+
 def oracle(model, loss_fn, x, y, max_grad_norm, expected_batch_size, reduction):
-    psg = per_sample_grads(model, loss_fn, x, y)
+    with no_tf32():
+        psg = per_sample_grads(model, loss_fn, x, y)
     norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in psg.values()))
     c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     scale = 1.0 / expected_batch_size if reduction == "mean" else 1.0
