@@ -62,9 +62,9 @@ def test_e2e_case_parsing():
                                                   "batch": 16, "seq": 256}
     assert e2e.parse_case("mlp:fp32:1024")["seq"] is None
     assert len(e2e.expand_cases("anchors")) == 6
-    with pytest.raises(ValueError):
-        e2e.parse_case("gpt:fp32:16")  # gpt needs a sequence length
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gpt needs a sequence length"):
+        e2e.parse_case("gpt:fp32:16")
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
         e2e.parse_case("resnet:fp32:16")
 
 

@@ -144,7 +144,7 @@ def test_split_batch_structures():
     assert [len(p["x"]) for p in parts] == [2, 2, 1]
     assert torch.equal(torch.cat([p["y"][0] for p in parts]), torch.arange(5))
     assert split_batch((torch.zeros(0, 3), torch.zeros(0)), 4) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_physical_batch_size must be a positive integer"):
         split_batch(torch.zeros(3), 0)
 
 
