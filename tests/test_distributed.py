@@ -32,8 +32,8 @@ KW = dict(noise_multiplier=0.7, max_grad_norm=0.2, expected_batch_size=10, backe
 
 def _worker(rank, world, init_file, out_dir, mode):
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    store = dist.FileStore(init_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         m = model()
         dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0),
@@ -50,6 +50,16 @@ def _worker(rank, world, init_file, out_dir, mode):
             dp.step()
             torch.save([p.grad for p in m.parameters()], f"{out_dir}/r{rank}s{step}.pt")
             dp.zero_grad()
+        # Tear down only once every rank has finished every gloo operation.  A rank whose
+        # last all-reduce returns first would otherwise close its sockets while the peer's
+        # side of that collective (its last writes, or reads not yet drained) is still in
+        # flight on the pair; gloo's event-loop thread then meets a closed or reset socket
+        # mid-operation and throws where nothing catches it: std::terminate, SIGABRT in the
+        # worker (gloo issue 155: a barrier followed by context destruction fails some
+        # participants).  A gloo barrier would end on the same race, so the rendezvous goes
+        # through the file store, which owns no sockets.
+        store.set(f"done/{rank}", b"1")
+        store.wait([f"done/{r}" for r in range(world)])
     finally:
         dist.destroy_process_group()
 
