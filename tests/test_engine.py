@@ -28,7 +28,7 @@ def data(B=8, seed=0):
 
 
 def private(model, **kw):
-    args = dict(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=8, seed=0)
+    args = dict(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=11, seed=0)
     args.update(kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     return dpkernels.make_private(model, opt, **args)
