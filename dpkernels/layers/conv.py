@@ -73,8 +73,9 @@ class ConvUse(Use):
         conv = (F.conv1d, F.conv2d, F.conv3d)[x2.dim() - 3]
         patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
         B = self.x.shape[0]
-        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, -1).norm(dim=2)  # [B, G, T]
-        return (patch.reshape(B, G, -1) * gn).sum(-1)
+        T = math.prod(self.g.shape[2:])  # not -1: ambiguous when B = 0
+        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)  # [B, G, T]
+        return (patch.reshape(B, G, T) * gn).sum(-1)
 
     def magnitude(self) -> torch.Tensor:
         return self.group_magnitudes().sum(1)
