@@ -54,6 +54,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
+        # A seed drawn from the OS never leaves this object: the noise of step k is a pure
+        # function of (seed, k), so a checkpoint holding it would let anyone with the
+        # checkpoint and the starting weights subtract the noise.  An explicit seed (tests,
+        # reproducible experiments) is saved, and documented as not for private releases.
+        self.seed_given = seed is not None
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         self.distributed = distributed
@@ -337,7 +342,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "max_grad_norm": self.max_grad_norm,
                 "expected_batch_size": self.expected_batch_size,
                 "loss_reduction": self.loss_reduction,
-                "seed": self.seed,
+                "seed": self.seed if self.seed_given else None,
                 "history": [list(h) for h in self.history],
                 "sample_rate": self.sample_rate,
                 "poisson": self.poisson,
@@ -347,10 +352,10 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()``: everything that determines the next step (C, sigma,
-        ``expected_batch_size``, ``loss_reduction``, the seed and step count that key the
-        noise) comes from the checkpoint, whatever this optimizer was built with, so a resumed
-        run continues the saved one exactly.  Everything is validated before anything is
-        changed; a bad checkpoint leaves this optimizer as it was."""
+        ``expected_batch_size``, ``loss_reduction``, the step count, and the seed of a run
+        seeded explicitly) comes from the checkpoint, whatever this optimizer was built with,
+        so a resumed seeded run continues the saved one exactly.  Everything is validated
+        before anything is changed; a bad checkpoint leaves this optimizer as it was."""
         dp = state["dp"]
         reduction = dp["loss_reduction"]
         if reduction not in ("mean", "sum"):
@@ -372,7 +377,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.expected_batch_size = ebs
         # the engine turns the loss back into per-sample losses with it (loss_scale)
         self.loss_reduction = self.engine.loss_reduction = reduction
-        self.seed = int(dp["seed"])
+        if dp["seed"] is not None:  # a seeded run resumes its own noise sequence
+            self.seed, self.seed_given = int(dp["seed"]), True
+        # else: this optimizer keeps its own seed (fresh OS entropy unless one was given), so
+        # resuming from any checkpoint, even an earlier one, draws noise never drawn before
         self.history = [list(h) for h in dp["history"]]
         self.sample_rate = dp.get("sample_rate")
         self.poisson = dp.get("poisson")

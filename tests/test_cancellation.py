@@ -84,7 +84,7 @@ def test_backprops_that_cancel(dtype, k, layer):
             model = nn.Linear(6, 24).to(dtype)
             model.weight.requires_grad_(False)
             x = torch.zeros(1, 2, 6, dtype=dtype)
-        worst = max(worst, released(model, lambda o: (o * w).sum(), x, "reference"))
+        worst = max(worst, released(model, lambda o, w=w: (o * w).sum(), x, "reference"))
     assert worst <= C * (1 + 1e-6), worst
 
 

@@ -584,3 +584,23 @@ def test_forward_replaced_on_the_instance_is_followed():
     dp.step()
     for n, p in model.named_parameters():
         assert rel_err(-p.grad, -grads[n]) <= RTOL_F64, n
+
+
+def test_unseeded_checkpoint_does_not_reveal_the_noise():
+    """Noise is a pure function of (seed, step): a checkpoint holding an OS-drawn seed would
+    let anyone with it and the starting weights subtract the noise, and resuming from an
+    earlier checkpoint would reuse noise on other batches."""
+    model = mlp()
+    dp = private(model, seed=None, noise_multiplier=1.0)
+    state = dp.state_dict()
+    assert state["dp"]["seed"] is None
+    twin = copy.deepcopy(model)
+    dp2 = private(twin, seed=None, noise_multiplier=1.0)
+    dp2.load_state_dict(state)
+    x, y = data()
+    for m, o in ((model, dp), (twin, dp2)):
+        ce(m(x), y).backward()
+        o.step()
+    assert not torch.equal(model[0].weight.grad, twin[0].weight.grad)
+    seeded = private(mlp(), seed=5)
+    assert seeded.state_dict()["dp"]["seed"] == 5  # explicit seeds are kept (reproducibility)
