@@ -148,20 +148,43 @@ def test_linear_bias_norm(B, T, d, p):
           ref_lin.linear_bias_norm(g))
 
 
-@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
-@pytest.mark.parametrize("split", [None, 3])
-def test_linear_clipped_sum(B, T, d, p, split):
+# float32 clipped sums run on torch's GEMM ("gemm") by default; the Triton kernel ("triton")
+# keeps float32 for TF32-allowed runs (tf32x3), so both paths are tested with every epilogue.
+CLIPPED_PATHS = [pytest.param("triton", None, id="triton"), pytest.param("triton", 3, id="split3"),
+                 pytest.param("gemm", None, id="gemm")]
+
+
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES + [pytest.param(2, 5, 40, 9, id="B2-T5-d40-p9")])
+@pytest.mark.parametrize("path,split", CLIPPED_PATHS)
+def test_linear_clipped_sum(B, T, d, p, path, split):
     a, g, c = torch.randn(B, T, d), torch.randn(B, T, p), torch.rand(B)
     acc = torch.randn(p, d)
     r64 = ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(), acc.double(), 0.0, 0,
                                      0.25)
     r32 = ref_lin.linear_clipped_sum(a, g, c, acc.clone(), 0.0, 0, 0.25)
-    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split)
+    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split, path=path)
     assert out is acc  # folded in place
     check(out, r64, r32, "with acc")
-    out = linear.clipped_sum(a, g, c, split=split)
+    out = linear.clipped_sum(a, g, c, split=split, path=path)
     check(out, ref_lin.linear_clipped_sum(a.double(), g.double(), c.double()),
           ref_lin.linear_clipped_sum(a, g, c), "fresh")
+    # a strided accumulator is read through a float32 copy and updated in place
+    acc_t = torch.randn(d, p).t()
+    want64 = ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(), acc_t.double(), 0.0,
+                                        0, 0.5)
+    want32 = ref_lin.linear_clipped_sum(a, g, c, acc_t.clone(), 0.0, 0, 0.5)
+    out = linear.clipped_sum(a, g, c, acc_t, 0.0, 0, 0.5, split=split, path=path)
+    assert out is acc_t
+    check(out, want64, want32, "strided acc")
+
+
+def test_clipped_sum_path_rule():
+    assert linear.clipped_sum_path(torch.float32) == "gemm"  # torch's default: no TF32
+    assert linear.clipped_sum_path(torch.bfloat16) == "triton"
+    assert linear.clipped_sum_path(torch.float16) == "triton"
+    with pytest.raises(ValueError, match="path must be"):
+        linear.clipped_sum(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.ones(1),
+                           path="cublas")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -233,9 +256,9 @@ def test_registered():
 N_NOISE = 64 * 80
 
 
-def _noise_linear(seed, std=1.5, split=None):
+def _noise_linear(seed, std=1.5, split=None, path=None):
     a, g, c = torch.zeros(2, 3, 80), torch.zeros(2, 3, 64), torch.ones(2)
-    return linear.clipped_sum(a, g, c, None, std, seed, 1.0, split=split)
+    return linear.clipped_sum(a, g, c, None, std, seed, 1.0, split=split, path=path)
 
 
 def test_noise_statistics():
@@ -252,7 +275,8 @@ def test_noise_statistics():
 def test_noise_seeds():
     z1, z2 = _noise_linear(7), _noise_linear(7)
     assert torch.equal(z1, z2)  # reproducible
-    assert torch.equal(z1, _noise_linear(7, split=2))  # keyed by element, not by tiling
+    assert torch.equal(z1, _noise_linear(7, split=2, path="triton"))  # keyed by element,
+    assert torch.equal(z1, _noise_linear(7, path="triton"))  # not by tiling or path
     assert not torch.equal(z1, _noise_linear(8))
     big = 2**61 + 7  # engine seeds are 62-bit: the high bits must change the noise
     assert not torch.equal(_noise_linear(big), z1)
@@ -381,3 +405,49 @@ def test_group_norm_psg(shape, G, need):
         assert (o is None) == (a is None)
         if o is not None:
             check(o, a, b)
+
+
+# ---------------------------------------------------------------------------- compile stalls
+
+
+def _kernels():
+    """(name, autotuner or None, base jit function) of every Triton kernel in dpkernels.ops."""
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    from dpkernels.ops import conv
+
+    for mod in (dense, embedding, linear, norms, conv):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel"):
+                tuner = obj if isinstance(obj, Autotuner) else None
+                base = obj.fn if tuner is not None else obj
+                yield name, tuner, base, list(inspect.signature(base.fn).parameters)
+
+
+def _not_specialised(base) -> set:
+    """Names of the arguments Triton does not specialise (JIT or interpreted function)."""
+    if hasattr(base, "params"):
+        return {p.name for p in base.params if p.do_not_specialize}
+    names = list(base.arg_names)
+    return {names[i] if isinstance(i, int) else i
+            for i in base.kwargs.get("do_not_specialize") or []}
+
+
+def test_seeds_are_not_specialised():
+    # a 62-bit seed divisible by 16 would otherwise compile a new variant mid-training
+    seen = 0
+    for name, _, base, args in _kernels():
+        if "seed" in args:
+            seen += 1
+            assert "seed" in _not_specialised(base), name
+    assert seen >= 3
+
+
+def test_autotune_keys_are_bucketed():
+    # every Poisson batch size would re-tune a key holding the row count
+    for name, tuner, _, _ in _kernels():
+        if tuner is not None:
+            assert not {"R", "rows_per_split"} & set(tuner.keys), (name, tuner.keys)

@@ -118,6 +118,11 @@ def tf32_allowed() -> bool:
     return bool(matmul.allow_tf32)
 
 
+# Kernels take the noise seed as a plain argument that Triton must not specialise: a 62-bit
+# seed divisible by 16 would otherwise compile a second variant mid-training.
+SEED_ARGS = ["seed"]
+
+
 def philox_seed(seed: int) -> int:
     """The engine's seeds are 62-bit; tl.randn takes any integer up to 64 bits and keys Philox
     with both 32-bit halves, so only the sign bit is dropped (keeps it a valid int64)."""

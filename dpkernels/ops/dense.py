@@ -15,6 +15,7 @@ import triton.language as tl
 
 from dpkernels.dispatch import register
 from dpkernels.ops._common import (
+    SEED_ARGS,
     autotune,
     check_float,
     finish_store,
@@ -35,15 +36,15 @@ BLOCK_N_ROWS = 128  # column tile of the row-sum kernel (fixed: the host sizes t
         triton.Config({"BLOCK_R": 16}, num_warps=4),
         triton.Config({"BLOCK_R": 64}, num_warps=8),
     ],
-    key=["N", "rows_per_split"],
+    key=["N", "ROWS_BUCKET"],  # bucketed: Poisson batch sizes share their tuning
     restore_value=["out_ptr"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _weighted_rows_kernel(
     x_ptr, c_ptr, out_ptr, acc_ptr, part_ptr,
     R, T, N, rows_per_split,
     sxb, sxt, sxn,
-    noise_std, seed, scale,
+    noise_std, seed, scale, ROWS_BUCKET,
     FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -70,7 +71,7 @@ def _weighted_rows_kernel(
         tl.store(part_ptr + split * N + cols, tot, mask=mn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _finish_kernel(
     out_ptr, acc_ptr, part_ptr, S, N, noise_std, seed, scale,
     HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
@@ -128,6 +129,7 @@ def weighted_rows(x: torch.Tensor, c: torch.Tensor, acc, noise_std, seed, scale,
         R=R, T=T, N=N, rows_per_split=rows_per_split,
         sxb=x.stride(0), sxt=x.stride(1), sxn=x.stride(2),
         noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        ROWS_BUCKET=triton.next_power_of_2(rows_per_split),
         FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
         BLOCK_N=BLOCK_N_ROWS,
     )

@@ -17,6 +17,7 @@ import triton.language as tl
 from dpkernels.dispatch import register
 from dpkernels.ops._common import (
     INTERPRET,
+    SEED_ARGS,
     autotune,
     check_float,
     dot_precision,
@@ -224,19 +225,21 @@ def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
         triton.Config({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8,
                       num_stages=3),
     ],
-    key=["R", "d", "p", "rows_per_split", "PRECISION"],
+    # Poisson batches change R every step: the key holds the split count and the rows per
+    # split rounded up to a power of two, so batch sizes share their tuning
+    key=["d", "p", "ROWS_BUCKET", "SPLIT", "PRECISION"],
     restore_value=["out_ptr"],
     # 128 x 128 x 64 in three stages is 192 KB of float32 operand tiles (sm_90 build with
     # triton 3.6: 164 KB and 5 KB of register spills with "ieee", 197 KB with "tf32x3"):
     # 16-bit operands only
     prune_configs_by={"early_config_prune": smem_prune("BLOCK_P", "BLOCK_D", "BLOCK_K", "a_ptr")},
 )
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _linear_clipped_sum_kernel(
     a_ptr, g_ptr, c_ptr, out_ptr, acc_ptr, part_ptr,
     R, T, d, p, rows_per_split,
     sab, sat, sak, sgb, sgt, sgk,
-    noise_std, seed, scale,
+    noise_std, seed, scale, ROWS_BUCKET, SPLIT,
     FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
     HILO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -445,9 +448,52 @@ def linear_bias_norm(g: torch.Tensor) -> torch.Tensor:
     return part.view(B, n_tiles).sum(1)
 
 
+def clipped_sum_path(dtype: torch.dtype) -> str:
+    """Which GEMM computes a clipped sum of ``dtype`` operands (the documented rule).
+
+    "gemm" (float32, TF32 not allowed: torch's default): rows of the narrower operand scaled
+    by c_b in one bandwidth-bound pass, then torch's GEMM (cuBLAS SGEMM on a GPU, exact
+    float32 like "ieee"), accumulating into ``acc`` in the GEMM itself.  Triton's "ieee"
+    tl.dot runs on FMA units with small tiles, at about half SGEMM's rate by bench/trace_step.py's
+    estimate.  "triton" otherwise: 16-bit operands (c_b g split hi + lo on tensor cores,
+    exact to ~2^-17, which a 16-bit cuBLAS GEMM of rounded c_b g is not) and float32 with
+    TF32 allowed ("tf32x3": float32-accurate on tensor cores, faster than SGEMM).
+    """
+    return "gemm" if dot_precision(dtype) == "ieee" else "triton"
+
+
+@torch.no_grad()  # a, g may be saved tensors that require grad; the sum is no graph node
+def _gemm_clipped_sum(a, g, c, out, acc_in, noise_std, seed, scale) -> None:
+    """``out = (acc_in + (c g)^T a + noise_std z) * scale`` with torch's GEMM (float32)."""
+    B, T, d = a.shape
+    p = g.shape[-1]
+    R = B * T
+    cb = c.view(B, 1, 1)
+    # c_b scales whole rows r = (b, t) of the product: scale the narrower operand
+    if p <= d:
+        g = g * cb
+    else:
+        a = a * cb
+    g2, a2 = g.reshape(R, p), a.reshape(R, d)
+    out2 = out.view(p, d)
+    fold_scale = not noise_std and scale != 1.0
+    alpha = float(scale) if fold_scale else 1.0
+    if acc_in is None:
+        torch.mm(g2.t(), a2, out=out2)
+        if fold_scale:
+            out2.mul_(alpha)
+    elif acc_in is out:
+        out2.addmm_(g2.t(), a2, beta=alpha, alpha=alpha)
+    else:
+        torch.addmm(acc_in.view(p, d), g2.t(), a2, beta=alpha, alpha=alpha, out=out2)
+    if noise_std:
+        finish(out, out, None, noise_std, seed, scale)
+
+
 def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
-                split: int | None = None) -> torch.Tensor:
-    """linear_clipped_sum with the K split exposed (tests force it; None picks one)."""
+                split: int | None = None, path: str | None = None) -> torch.Tensor:
+    """linear_clipped_sum with the K split and the path exposed (tests force them; None
+    picks them: ``clipped_sum_path`` and a split that fills the SMs)."""
     _check("linear_clipped_sum", a, g)
     B, T, d = a.shape
     p = g.shape[-1]
@@ -458,6 +504,15 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
     a, g = same_dtype(a, g)
     c = c.to(device=device, dtype=torch.float32).contiguous()
     R = B * T
+    if path is None:
+        path = clipped_sum_path(a.dtype)
+    if path == "gemm":
+        if a.dtype != torch.float32:
+            a, g = a.float(), g.float()
+        _gemm_clipped_sum(a, g, c, out, acc_in, noise_std, seed, scale)
+        return hand_back(out, acc)
+    if path != "triton":
+        raise ValueError(f"path must be 'gemm', 'triton' or None, got {path!r}")
     if split is None:
         # Few output tiles and many rows: split the rows so that every SM has work.
         tiles = triton.cdiv(p, 128) * triton.cdiv(d, 128)
@@ -479,6 +534,7 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
         sab=a.stride(0), sat=a.stride(1), sak=a.stride(2),
         sgb=g.stride(0), sgt=g.stride(1), sgk=g.stride(2),
         noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        ROWS_BUCKET=triton.next_power_of_2(rows_per_split), SPLIT=split,
         FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
         HILO=a.dtype != torch.float32, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
     )
