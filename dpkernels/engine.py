@@ -81,7 +81,8 @@ class Engine:
         self.params: list[nn.Parameter] = []
         # per micro-batch state
         self.uses: dict[nn.Parameter, list[Use]] = {}
-        self.norm_sq: torch.Tensor | None = None
+        self._norm_sq: torch.Tensor | None = None  # read through the norm_sq property
+        self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self.err_sq: torch.Tensor | None = None
         self.batch_size: int | None = None
@@ -333,16 +334,10 @@ class Engine:
                 e = cross_error(u, use, u.norm_sq, own)
                 if e is not None:
                     err = e if err is None else err + e
-            if self.norm_sq is None:
-                self.norm_sq = torch.zeros(batch_size, dtype=contrib.dtype, device=contrib.device)
-            elif contrib.dtype != self.norm_sq.dtype:
-                dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
-                self.norm_sq = self.norm_sq.to(dt)
-            self.norm_sq += contrib.to(self.norm_sq.dtype)
+            self._norm_parts.append(contrib)  # summed once, by the norm_sq property
             if err is not None:
-                if self.err_sq is None:
-                    self.err_sq = torch.zeros_like(self.norm_sq)
-                self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
+                self.err_sq = err if self.err_sq is None else self.err_sq + err.to(
+                    self.err_sq.dtype)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -442,6 +437,26 @@ class Engine:
             return None
         return self.norm_sq.detach().clamp_min(0).sqrt() * self.loss_scale
 
+    @property
+    def norm_sq(self) -> torch.Tensor | None:
+        """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
+        each use's contribution; they are summed here in one pass (two launches, not one
+        per use)."""
+        parts = self._norm_parts
+        if parts:
+            if self._norm_sq is not None:
+                parts.insert(0, self._norm_sq)
+            dt = parts[0].dtype
+            for t in parts[1:]:
+                dt = torch.promote_types(dt, t.dtype)
+            self._norm_sq = torch.stack([t.to(dt) for t in parts]).sum(0)
+            self._norm_parts = []
+        return self._norm_sq
+
+    @norm_sq.setter
+    def norm_sq(self, value: torch.Tensor | None) -> None:
+        self._norm_sq, self._norm_parts = value, []
+
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
@@ -515,6 +530,7 @@ class Engine:
         previous: dict = {}
         if finalize:
             previous, self.written = self.written, {}
+        noisy: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # finalize: (p, sum, seed)
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
@@ -530,21 +546,22 @@ class Engine:
             if finalize:
                 self._check_no_leak(p, previous.get(p))
             acc = self.acc.pop(p, None)
-            seed = seeds(i) if (finalize and seeds is not None) else 0
-            for j, u in enumerate(uses):
-                last = finalize and j == len(uses) - 1
-                acc = u.clipped_sum(self.op, c, acc, noise_std if last else 0.0,
-                                    seed, scale if last else 1.0)
+            for u in uses:
+                acc = u.clipped_sum(self.op, c, acc, 0.0, 0, 1.0)
             if finalize:
-                if not uses:
-                    if acc is None:
-                        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                        acc = torch.zeros(p.shape, dtype=dt, device=p.device)
-                    acc = self.op("add_noise", acc, noise_std, seed, scale)
-                p.grad = acc.reshape(p.shape).to(p.dtype)
-                self.written[p] = (p.grad, p.grad._version)
+                if acc is None:
+                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    acc = torch.zeros(p.shape, dtype=dt, device=p.device)
+                noisy.append((p, acc, seeds(i) if seeds is not None else 0))
             elif acc is not None:
                 self.acc[p] = acc
+        if noisy:
+            # noise once per parameter and the scale, for all parameters in one grouped op
+            accs = self.op("add_noise_many", [a for _, a, _ in noisy], noise_std,
+                           [s for _, _, s in noisy], scale)
+            for (p, _, _), acc in zip(noisy, accs):
+                p.grad = acc.reshape(p.shape).to(p.dtype)
+                self.written[p] = (p.grad, p.grad._version)
         self.clear_pending()
 
     def refresh_written(self) -> None:

@@ -241,8 +241,8 @@ def test_float64_goes_to_reference():
 def test_registered():
     for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
                  "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
-                 "embedding_norm", "embedding_cross", "embedding_clipped_sum", "layer_norm_psg",
-                 "rms_norm_psg", "group_norm_psg"]:
+                 "add_noise_many", "embedding_norm", "embedding_cross", "embedding_clipped_sum",
+                 "layer_norm_psg", "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
         assert backend == "triton" and fn.__module__.startswith("dpkernels.ops"), name
 
@@ -451,3 +451,26 @@ def test_autotune_keys_are_bucketed():
     for name, tuner, _, _ in _kernels():
         if tuner is not None:
             assert not {"R", "rows_per_split"} & set(tuner.keys), (name, tuner.keys)
+
+
+def test_add_noise_many_is_add_noise_per_tensor():
+    # one launch for all parameters must add exactly the noise add_noise adds to each, with
+    # its seed (62-bit seeds, sizes that are not multiples of the block, a strided and a
+    # float64 tensor that take the one-at-a-time path)
+    shapes = [(3,), (40, 70), (1,), (2049,), (5, 7)]
+    accs = [torch.randn(s) for s in shapes]
+    accs.append(torch.randn(6, 4).t())
+    accs.append(torch.randn(9, dtype=torch.float64))
+    seeds = [2**61 + 7, 5, 16, 2**40, 3, 11, 12]
+    want = [dense.add_noise(a.clone(), 1.5, s, 0.25) for a, s in zip(accs, seeds)]
+    got = dense.add_noise_many([a.clone() for a in accs], 1.5, seeds, 0.25)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    inplace = [a.clone() for a in accs[:2]]
+    out = dense.add_noise_many(inplace, 1.0, seeds[:2], 1.0)
+    assert out[0] is inplace[0] and out[1] is inplace[1]
+    assert not torch.equal(inplace[0], accs[0])
+    with pytest.raises(ValueError, match="2 tensors but 1 seeds"):
+        dense.add_noise_many(accs[:2], 1.0, seeds[:1], 1.0)
+    ref = ref_dense.add_noise_many([a.clone().double() for a in accs[:2]], 0.0, seeds[:2], 0.5)
+    torch.testing.assert_close(ref[1], accs[1].double() * 0.5, rtol=0, atol=0)

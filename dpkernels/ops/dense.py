@@ -87,6 +87,25 @@ def _finish_kernel(
     finish_store(x, offs, mask, out_ptr, acc_ptr, noise_std, seed, scale, HAS_ACC, HAS_NOISE)
 
 
+@triton.jit
+def _finish_many_kernel(table_ptr, n_tensors, noise_std, scale, HAS_NOISE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """``x = (x + noise_std z) * scale`` in place for tensor ``program_id(0)`` of a table
+    [3, n_tensors] int64 (addresses of contiguous float32 tensors, their sizes, their seeds);
+    the programs along axis 1 stride over its blocks.  The noise of element ``o`` of tensor
+    ``i`` is ``tl.randn(seed_i, o)``, exactly what ``_finish_kernel`` adds to that tensor."""
+    i = tl.program_id(0)
+    x_ptr = tl.load(table_ptr + i).to(tl.pointer_type(tl.float32))
+    n = tl.load(table_ptr + n_tensors + i)
+    seed = tl.load(table_ptr + 2 * n_tensors + i)
+    step = tl.num_programs(1).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(1).to(tl.int64) * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)  # [BLOCK]
+        mask = offs < n
+        x = tl.zeros([BLOCK], dtype=tl.float32)
+        finish_store(x, offs, mask, x_ptr, x_ptr, noise_std, seed, scale, True, HAS_NOISE)
+
+
 def finish(out: torch.Tensor, acc: torch.Tensor | None, parts: torch.Tensor | None,
            noise_std: float, seed: int, scale: float) -> torch.Tensor:
     """``out = (acc + sum_s parts[s] + noise_std z) * scale`` elementwise (all contiguous
@@ -158,3 +177,33 @@ def add_noise(acc: torch.Tensor, noise_std=0.0, seed=0, scale=1.0) -> torch.Tens
     out, acc_in = prepare_out(acc, acc.shape, acc.device)
     finish(out, acc_in, None, noise_std, seed, scale)
     return hand_back(out, acc)
+
+
+@register("add_noise_many", "triton")
+def add_noise_many(accs: list[torch.Tensor], noise_std=0.0, seeds=(), scale=1.0
+                   ) -> list[torch.Tensor]:
+    """``add_noise`` for every ``accs[i]`` with ``seeds[i]``, in one launch for all the
+    contiguous float32 tensors (a table of their addresses, sizes and seeds); others, and
+    float64 ones, go one at a time."""
+    if len(seeds) != len(accs):
+        raise ValueError(f"add_noise_many: {len(accs)} tensors but {len(seeds)} seeds")
+    if not noise_std and scale == 1.0:
+        return list(accs)
+    group = [i for i, a in enumerate(accs) if a.dtype == torch.float32 and a.is_contiguous()
+             and a.numel() and a.device == accs[0].device]
+    out = list(accs)
+    for i in sorted(set(range(len(accs))) - set(group)):
+        out[i] = add_noise(accs[i], noise_std, seeds[i], scale)
+    if not group:
+        return out
+    table = torch.tensor([[accs[i].data_ptr() for i in group], [accs[i].numel() for i in group],
+                          [philox_seed(seeds[i]) for i in group]], dtype=torch.int64)
+    table = table.to(accs[group[0]].device, non_blocking=True)
+    longest = max(accs[i].numel() for i in group)
+    BLOCK = 1024
+    cols = max(1, min(triton.cdiv(longest, BLOCK), 2 * num_sms(accs[group[0]].device)))
+    _finish_many_kernel[(len(group), cols)](
+        table_ptr=table, n_tensors=len(group), noise_std=float(noise_std), scale=float(scale),
+        HAS_NOISE=bool(noise_std), BLOCK=BLOCK,
+    )
+    return out

@@ -34,3 +34,13 @@ def dense_clipped_sum(psg, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> tor
 def add_noise(acc: torch.Tensor, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
     """``(acc + noise_std z) * scale`` for a parameter whose clipped sum is already folded."""
     return finish(None, acc, noise_std, seed, scale)
+
+
+@register("add_noise_many", "reference")
+def add_noise_many(accs: list[torch.Tensor], noise_std=0.0, seeds=(), scale=1.0
+                   ) -> list[torch.Tensor]:
+    """``add_noise`` for every ``accs[i]`` with ``seeds[i]`` (a list, in place where
+    ``add_noise`` is): the engine's one noise-and-scale pass over all parameters of a step."""
+    if len(seeds) != len(accs):
+        raise ValueError(f"add_noise_many: {len(accs)} tensors but {len(seeds)} seeds")
+    return [add_noise(a, noise_std, s, scale) for a, s in zip(accs, seeds)]
