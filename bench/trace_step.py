@@ -114,6 +114,7 @@ class Launch:
 class Trace:
     launches: list[Launch] = field(default_factory=list)
     allocations: int = 0
+    syncs: int = 0  # device-to-host reads (.item(), bool(tensor)): each stalls the host
     phase: str = "setup"
 
     def count(self, kind: str | None = None, phase: str | None = None) -> int:
@@ -180,11 +181,17 @@ def _torch_flops(name: str, args, out) -> float:
 class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
         tr = TRACE
+        if name == "_local_scalar_dense":
+            # a host sync (.item(), bool(t)): fake tensors hold no value, so the trace answers
+            # 1 / True, the value of a healthy step (all norms finite, no stale gradient)
+            if tr is not None:
+                tr.syncs += 1
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **kwargs)
         if tr is None:
             return out
-        name = func.overloadpacket.__name__
         if name in ALLOCATING:
             tr.allocations += 1
         ins = list(_tensors(args)) + list(_tensors(kwargs))
@@ -413,6 +420,7 @@ def main(argv=None) -> int:
             print(f"{model} {dtype} B{b}{' T' + str(seq) if seq else ''} {mode}: "
                   f"{tr.count('triton')} Triton + {tr.count('torch')} torch kernels "
                   f"({phases}; {extra:+d} vs non-private), {tr.allocations} allocations, "
+                  f"{tr.syncs} host syncs, "
                   f"ESTIMATED device {tr.device_s() * 1e3:.2f} ms, host "
                   f"{tr.host_s() * 1e3:.2f} ms, step {tr.step_s() * 1e3:.2f} ms, "
                   f"ratio {tr.step_s() / base.step_s():.3f}x (estimate)")

@@ -530,7 +530,8 @@ class Engine:
         previous: dict = {}
         if finalize:
             previous, self.written = self.written, {}
-        noisy: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # finalize: (p, sum, seed)
+        folded: list[tuple[int, nn.Parameter, torch.Tensor | None]] = []
+        grouped: list[tuple[int, torch.Tensor]] = []  # (index in folded, rows of a use)
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
@@ -546,8 +547,25 @@ class Engine:
             if finalize:
                 self._check_no_leak(p, previous.get(p))
             acc = self.acc.pop(p, None)
+            rows = []
             for u in uses:
-                acc = u.clipped_sum(self.op, c, acc, 0.0, 0, 1.0)
+                r = u.rows()
+                if r is None:
+                    acc = u.clipped_sum(self.op, c, acc, 0.0, 0, 1.0)
+                else:
+                    rows.append(r)
+            if rows:  # two uses of one bias (rare): their rows side by side
+                grouped.append((len(folded), rows[0] if len(rows) == 1 else torch.cat(rows, 1)))
+            folded.append((i, p, acc))
+        if grouped:
+            # the clipped sums of every bias and norm-layer term of the step in one op
+            sums = self.op("rows_clipped_sum_many", [r for _, r in grouped], c,
+                           [folded[k][2] for k, _ in grouped],
+                           [folded[k][1].shape for k, _ in grouped])
+            for (k, _), acc in zip(grouped, sums):
+                folded[k] = (*folded[k][:2], acc)
+        noisy: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # finalize: (p, sum, seed)
+        for i, p, acc in folded:
             if finalize:
                 if acc is None:
                     dt = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -474,3 +474,30 @@ def test_add_noise_many_is_add_noise_per_tensor():
         dense.add_noise_many(accs[:2], 1.0, seeds[:1], 1.0)
     ref = ref_dense.add_noise_many([a.clone().double() for a in accs[:2]], 0.0, seeds[:2], 0.5)
     torch.testing.assert_close(ref[1], accs[1].double() * 0.5, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_rows_clipped_sum_many(B):
+    # biases ([B, T, p], one strided like a conv's), norm-layer terms ([B, 1, N]), 16-bit rows,
+    # widths that are not multiples of the column tile, with and without accumulators
+    c = torch.rand(B)
+    xs = [torch.randn(B, 63, 17), torch.randn(B, 1, 300), torch.randn(B, 5, 130).to(torch.bfloat16),
+          torch.randn(B, 7, 4).transpose(1, 2), torch.randn(B, 2, 6)]
+    shapes = [(17,), (3, 100), (130,), (7,), (2, 3)]
+    accs = [None, torch.randn(3, 100), None, torch.randn(7), torch.randn(3, 2).t()]
+    xs64 = [x.double() for x in xs]
+    r64 = ref_dense.rows_clipped_sum_many(xs64, c.double(),
+                                          [a.double() if a is not None else None for a in accs],
+                                          shapes)
+    r32 = ref_dense.rows_clipped_sum_many([x.float() for x in xs], c,
+                                          [a.clone() if a is not None else None for a in accs],
+                                          shapes)
+    keep = [a for a in accs]
+    out = dense.rows_clipped_sum_many(xs, c, accs, shapes)
+    for i, (o, w64, w32) in enumerate(zip(out, r64, r32)):
+        assert o.dtype == torch.float32 and o.shape == w64.shape, i
+        if keep[i] is not None:
+            assert o is keep[i]  # folded in place
+        check(o, w64, w32, f"tensor {i}")
+    with pytest.raises(ValueError, match="expected"):
+        dense.rows_clipped_sum_many([torch.randn(B, 2, 5)], c, [None], [(4,)])

@@ -10,6 +10,7 @@ of a micro-batch, so the engine applies it once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -102,6 +103,12 @@ class Use:
         """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes the loss scale)."""
         return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
 
+    def rows(self) -> torch.Tensor | None:
+        """[B, T, N] rows with ``G_b = sum_t rows[b, t]`` (reshaped to the parameter) when the
+        use is that simple, else None.  The engine folds the clipped sums of all such uses of
+        a step (biases, norm-layer affine terms) in one grouped op instead of one per use."""
+        return None
+
 
 def cross_error(u: Use, v: Use, norm_u: torch.Tensor, norm_v: torch.Tensor) -> torch.Tensor | None:
     """[B] bound on the error of ``2 <G_b, G'_b>`` for two uses of one parameter: the cross
@@ -133,6 +140,10 @@ class DenseUse(Use):
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.psg
+
+    def rows(self) -> torch.Tensor:
+        B = self.psg.shape[0]
+        return self.psg.reshape(B, 1, math.prod(self.psg.shape[1:]))  # explicit: B may be 0
 
 
 class LinearUse(Use):
@@ -206,6 +217,9 @@ class BiasUse(Use):
 
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         return op("linear_bias_clipped_sum", self.g, c, acc, noise_std, seed, scale)
+
+    def rows(self) -> torch.Tensor:
+        return self.g
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -106,6 +106,45 @@ def _finish_many_kernel(table_ptr, n_tensors, noise_std, scale, HAS_NOISE: tl.co
         finish_store(x, offs, mask, x_ptr, x_ptr, noise_std, seed, scale, True, HAS_NOISE)
 
 
+# table columns of _rows_many_kernel, one row per tensor
+_X, _SB, _ST, _SN, _T, _N, _OUT, _HAS_ACC = range(8)
+
+
+@triton.jit
+def _rows_many_kernel(table_ptr, c_ptr, B, X_TYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """``out = [acc +] sum_{b,t} c_b x[b, t, cols]`` for column tile ``program_id(1)`` of
+    tensor ``program_id(0)``, all rows in one program (no split, no second pass); the table row
+    holds x's address, strides, T, N, out's address and whether out holds an accumulator."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 8
+    N = tl.load(row + 5)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
+    if tl.program_id(1).to(tl.int64) * BLOCK_N < N:
+        x_ptr = tl.load(row + 0).to(tl.pointer_type(X_TYPE))
+        sxb = tl.load(row + 1)
+        sxt = tl.load(row + 2)
+        sxn = tl.load(row + 3)
+        T = tl.load(row + 4)
+        out_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        has_acc = tl.load(row + 7)
+        mn = cols < N
+        R = B * T
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BR]
+            mr = rows < R
+            b = rows // T
+            t = rows % T
+            cb = tl.load(c_ptr + b, mask=mr, other=0.0)  # [BR] float32
+            x = tl.load(x_ptr + b[:, None] * sxb + t[:, None] * sxt + cols[None, :] * sxn,
+                        mask=mr[:, None] & mn[None, :], other=0.0).to(tl.float32)  # [BR, BN]
+            acc += x * cb[:, None]
+        tot = tl.sum(acc, axis=0)  # [BN]
+        if has_acc != 0:
+            tot += tl.load(out_ptr + cols, mask=mn, other=0.0)
+        tl.store(out_ptr + cols, tot, mask=mn)
+
+
 def finish(out: torch.Tensor, acc: torch.Tensor | None, parts: torch.Tensor | None,
            noise_std: float, seed: int, scale: float) -> torch.Tensor:
     """``out = (acc + sum_s parts[s] + noise_std z) * scale`` elementwise (all contiguous
@@ -207,3 +246,53 @@ def add_noise_many(accs: list[torch.Tensor], noise_std=0.0, seeds=(), scale=1.0
         HAS_NOISE=bool(noise_std), BLOCK=BLOCK,
     )
     return out
+
+
+_X_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@register("rows_clipped_sum_many", "triton")
+def rows_clipped_sum_many(xs: list[torch.Tensor], c: torch.Tensor, accs: list, shapes: list
+                          ) -> list[torch.Tensor]:
+    """For every ``xs[i]`` [B, T, N]: ``accs[i] + sum_{b,t} c_b xs[i][b, t, :]`` shaped
+    ``shapes[i]`` in float32 (in place into ``accs[i]``), no noise.  One launch per input
+    dtype for all tensors: a table of addresses, strides and sizes, one program per (tensor,
+    column tile) summing every row, so there is no split and no second pass."""
+    if not len(xs) == len(accs) == len(shapes):
+        raise ValueError(f"rows_clipped_sum_many: {len(xs)} inputs, {len(accs)} accumulators "
+                         f"and {len(shapes)} shapes")
+    if any(use_reference(x, a) for x, a in zip(xs, accs)):
+        return ref_dense.rows_clipped_sum_many(xs, c, accs, shapes)
+    out: list = [None] * len(xs)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, (x, acc, shape) in enumerate(zip(xs, accs, shapes)):
+        check_float("rows_clipped_sum_many", x)
+        if x.dim() != 3 or x.shape[0] != c.shape[0] or x.shape[2] != math.prod(shape):
+            raise ValueError(f"dpkernels.ops.rows_clipped_sum_many: input {i} has shape "
+                             f"{tuple(x.shape)}, expected [{c.shape[0]}, T, {math.prod(shape)}]")
+        o, acc_in = prepare_out(acc, tuple(shape), x.device)
+        out[i] = (o, acc_in, acc)
+        if x.numel() == 0 or o.numel() == 0:
+            if acc_in is None:
+                o.zero_()
+            elif acc_in is not o:
+                o.copy_(acc_in.view(o.shape))
+            continue
+        groups.setdefault(x.dtype, []).append(i)
+    for dt, idx in groups.items():
+        device = xs[idx[0]].device
+        rows = []
+        for i in idx:
+            x, (o, acc_in, _) = xs[i], out[i]
+            if acc_in is not None and acc_in is not o:  # a float32 copy of a strided acc
+                o.copy_(acc_in.view(o.shape))
+            rows.append([x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.shape[1],
+                         x.shape[2], o.data_ptr(), int(acc_in is not None)])
+        table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        cf = c.to(device=device, dtype=torch.float32).contiguous()
+        widest = max(xs[i].shape[2] for i in idx)
+        _rows_many_kernel[(len(idx), triton.cdiv(widest, BLOCK_N_ROWS))](
+            table_ptr=table, c_ptr=cf, B=c.shape[0], X_TYPE=_X_TYPES[dt], BLOCK_R=32,
+            BLOCK_N=BLOCK_N_ROWS,
+        )
+    return [hand_back(o, acc) for (o, _, acc) in out]

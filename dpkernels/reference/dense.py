@@ -44,3 +44,20 @@ def add_noise_many(accs: list[torch.Tensor], noise_std=0.0, seeds=(), scale=1.0
     if len(seeds) != len(accs):
         raise ValueError(f"add_noise_many: {len(accs)} tensors but {len(seeds)} seeds")
     return [add_noise(a, noise_std, s, scale) for a, s in zip(accs, seeds)]
+
+
+@register("rows_clipped_sum_many", "reference")
+def rows_clipped_sum_many(xs: list[torch.Tensor], c: torch.Tensor, accs: list, shapes: list
+                          ) -> list[torch.Tensor]:
+    """For every ``xs[i]`` [B, T, N]: ``accs[i] + sum_{b,t} c_b xs[i][b, t, :]`` shaped
+    ``shapes[i]`` (in place into ``accs[i]`` when given, else fresh), no noise: the clipped
+    sums of all biases and norm-layer affine terms of a step, folded together."""
+    if not len(xs) == len(accs) == len(shapes):
+        raise ValueError(f"rows_clipped_sum_many: {len(xs)} inputs, {len(accs)} accumulators "
+                         f"and {len(shapes)} shapes")
+    out = []
+    for x, acc, shape in zip(xs, accs, shapes):
+        dt = acc_dtype(x, acc)
+        update = (c.to(dt) @ x.to(dt).sum(1)).reshape(shape)
+        out.append(finish(acc, update if acc is None else update.reshape(acc.shape), 0.0, 0, 1.0))
+    return out
