@@ -84,7 +84,7 @@ HOST_TRITON_LAUNCH_S = 40e-6
 # reports): allocation, metadata, aliasing.
 NO_KERNEL = {
     "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "detach",
-    "alias", "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "sym_size", "sym_stride",
+    "alias", "_local_scalar_dense", "sym_size", "sym_stride",
     "sym_numel", "sym_storage_offset", "is_same_size", "set_", "resize_", "device",
     "_has_compatible_shallow_copy_type", "_unsafe_view", "promote_types",
 }
@@ -191,6 +191,10 @@ class CountOps(TorchDispatchMode):
             return True if args[0].dtype == torch.bool else 1
         out = func(*args, **kwargs)
         if tr is None:
+            return out
+        if name in ("lift_fresh", "lift_fresh_copy"):
+            # torch.tensor(data): on a GPU a host-to-device copy (the grouped ops' tables)
+            tr.launches.append(Launch("torch", "h2d_copy", tr.phase, _nbytes([out]), 0.0, 1.0))
             return out
         if name in ALLOCATING:
             tr.allocations += 1

@@ -241,8 +241,8 @@ def test_float64_goes_to_reference():
 def test_registered():
     for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
                  "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
-                 "add_noise_many", "embedding_norm", "embedding_cross", "embedding_clipped_sum",
-                 "layer_norm_psg", "rms_norm_psg", "group_norm_psg"]:
+                 "add_noise_many", "dense_norm", "embedding_norm", "embedding_cross",
+                 "embedding_clipped_sum", "layer_norm_psg", "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
         assert backend == "triton" and fn.__module__.startswith("dpkernels.ops"), name
 
@@ -501,3 +501,12 @@ def test_rows_clipped_sum_many(B):
         check(o, w64, w32, f"tensor {i}")
     with pytest.raises(ValueError, match="expected"):
         dense.rows_clipped_sum_many([torch.randn(B, 2, 5)], c, [None], [(4,)])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (1, 130), (0, 4), (3, 5000), (4, 2, 2, 2)])
+def test_dense_norm(shape):
+    psg = torch.randn(shape)
+    check(dense.dense_norm(psg), ref_dense.dense_norm(psg.double()), ref_dense.dense_norm(psg))
+    strided = torch.randn(shape[0], 2, math.prod(shape[1:]))[:, 1]  # like a norm-layer term
+    check(dense.dense_norm(strided), ref_dense.dense_norm(strided.double()),
+          ref_dense.dense_norm(strided))

@@ -106,6 +106,25 @@ def _finish_many_kernel(table_ptr, n_tensors, noise_std, scale, HAS_NOISE: tl.co
         finish_store(x, offs, mask, x_ptr, x_ptr, noise_std, seed, scale, True, HAS_NOISE)
 
 
+@autotune(
+    [
+        triton.Config({"BLOCK_N": 1024}, num_warps=4),
+        triton.Config({"BLOCK_N": 4096}, num_warps=8),
+    ],
+    key=["N"],
+)
+@triton.jit
+def _dense_norm_kernel(x_ptr, out_ptr, N, sxb, sxn, BLOCK_N: tl.constexpr):
+    """``out[b] = sum_n x[b, n]^2`` in float32, one program per sample."""
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
+        x = tl.load(x_ptr + b * sxb + n * sxn, mask=n < N, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(out_ptr + b, tl.sum(acc, axis=0))
+
+
 # table columns of _rows_many_kernel, one row per tensor
 _X, _SB, _ST, _SN, _T, _N, _OUT, _HAS_ACC = range(8)
 
@@ -194,6 +213,23 @@ def weighted_rows(x: torch.Tensor, c: torch.Tensor, acc, noise_std, seed, scale,
     if parts is not None:
         finish(out, acc_in, parts, noise_std, seed, scale)
     return hand_back(out, acc)
+
+
+@register("dense_norm", "triton")
+def dense_norm(psg: torch.Tensor) -> torch.Tensor:
+    """[B] float32 squared norms of per-sample gradients ``psg`` [B, ...] in one launch (the
+    norm-layer affine terms: as small as the parameter, so one program per sample)."""
+    if use_reference(psg):
+        return ref_dense.dense_norm(psg)
+    check_float("dense_norm", psg)
+    B = psg.shape[0]
+    N = math.prod(psg.shape[1:])
+    out = torch.empty(B, dtype=torch.float32, device=psg.device)
+    if B == 0 or N == 0:
+        return out.zero_()
+    x = psg.reshape(B, N)  # a view for the strided norm-layer terms, else a copy
+    _dense_norm_kernel[(B,)](x_ptr=x, out_ptr=out, N=N, sxb=x.stride(0), sxn=x.stride(1))
+    return out
 
 
 @register("dense_clipped_sum", "triton")
