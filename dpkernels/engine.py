@@ -83,6 +83,7 @@ class Engine:
         self.uses: dict[nn.Parameter, list[Use]] = {}
         self._norm_sq: torch.Tensor | None = None  # read through the norm_sq property
         self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
+        self._norm_rows: list[torch.Tensor] = []  # [B, N] rows whose norms are not yet taken
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self.err_sq: torch.Tensor | None = None
         self.batch_size: int | None = None
@@ -324,20 +325,14 @@ class Engine:
         reused = self.calls.get(name, 0) > 1
         # raw squared norms: the loss scale is applied once, in clip_factors
         for p, use in uses:
-            own = use.raw_norm(self.op)
-            contrib = own
-            err = use.norm_error(own)
-            use.norm_sq = own
             earlier = self.uses.setdefault(p, [])
-            for u in earlier:
-                contrib = contrib + 2.0 * cross(u, use, self.op)
-                e = cross_error(u, use, u.norm_sq, own)
-                if e is not None:
-                    err = e if err is None else err + e
-            self._norm_parts.append(contrib)  # summed once, by the norm_sq property
-            if err is not None:
-                self.err_sq = err if self.err_sq is None else self.err_sq + err.to(
-                    self.err_sq.dtype)
+            # a term used once whose norm is a plain sum of squares of materialised rows (no
+            # cancellation bound, no cross term to come): all of them in one op, in norm_sq
+            rows = None if (earlier or reused or p in self.shared) else use.norm_rows()
+            if rows is not None:
+                self._norm_rows.append(rows)
+            else:
+                self._add_norm(use, earlier)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -369,6 +364,22 @@ class Engine:
         """The model's forward returned (a forward that raised does not count)."""
         if self.attached and not recomputing() and torch.is_grad_enabled():
             self.root_forwards += 1
+
+    def _add_norm(self, use: Use, earlier: list[Use]) -> None:
+        """Append ``use``'s squared norm and its cross terms with the ``earlier`` uses of its
+        parameter, and add their cancellation bounds to ``err_sq``."""
+        own = use.raw_norm(self.op)
+        contrib = own
+        err = use.norm_error(own)
+        use.norm_sq = own
+        for u in earlier:
+            contrib = contrib + 2.0 * cross(u, use, self.op)
+            e = cross_error(u, use, u.norm_sq, own)
+            if e is not None:
+                err = e if err is None else err + e
+        self._norm_parts.append(contrib)  # summed once, by the norm_sq property
+        if err is not None:
+            self.err_sq = err if self.err_sq is None else self.err_sq + err.to(self.err_sq.dtype)
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -440,9 +451,12 @@ class Engine:
     @property
     def norm_sq(self) -> torch.Tensor | None:
         """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
-        each use's contribution; they are summed here in one pass (two launches, not one
-        per use)."""
+        each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
+        are summed here in one pass (a few launches, not one or two per use)."""
         parts = self._norm_parts
+        if self._norm_rows:
+            parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))
+            self._norm_rows = []
         if parts:
             if self._norm_sq is not None:
                 parts.insert(0, self._norm_sq)
@@ -455,7 +469,7 @@ class Engine:
 
     @norm_sq.setter
     def norm_sq(self, value: torch.Tensor | None) -> None:
-        self._norm_sq, self._norm_parts = value, []
+        self._norm_sq, self._norm_parts, self._norm_rows = value, [], []
 
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
@@ -531,7 +545,7 @@ class Engine:
         if finalize:
             previous, self.written = self.written, {}
         folded: list[tuple[int, nn.Parameter, torch.Tensor | None]] = []
-        grouped: list[tuple[int, torch.Tensor]] = []  # (index in folded, rows of a use)
+        groups: dict[str, list[tuple[int, tuple]]] = {}  # op -> (index in folded, operands)
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
@@ -547,22 +561,21 @@ class Engine:
             if finalize:
                 self._check_no_leak(p, previous.get(p))
             acc = self.acc.pop(p, None)
-            rows = []
+            grouped = None  # one use per parameter joins a group; others fold here
             for u in uses:
-                r = u.rows()
-                if r is None:
+                job = u.group() if grouped is None else None
+                if job is None:
                     acc = u.clipped_sum(self.op, c, acc, 0.0, 0, 1.0)
                 else:
-                    rows.append(r)
-            if rows:  # two uses of one bias (rare): their rows side by side
-                grouped.append((len(folded), rows[0] if len(rows) == 1 else torch.cat(rows, 1)))
+                    grouped = job
+            if grouped is not None:
+                groups.setdefault(grouped[0], []).append((len(folded), grouped[1]))
             folded.append((i, p, acc))
-        if grouped:
-            # the clipped sums of every bias and norm-layer term of the step in one op
-            sums = self.op("rows_clipped_sum_many", [r for _, r in grouped], c,
-                           [folded[k][2] for k, _ in grouped],
-                           [folded[k][1].shape for k, _ in grouped])
-            for (k, _), acc in zip(grouped, sums):
+        for name, items in groups.items():
+            # all clipped sums of the step that this op folds (e.g. every bias and norm-layer
+            # term) in one call
+            sums = self.op(name, [ops for _, ops in items], c, [folded[k][2] for k, _ in items])
+            for (k, _), acc in zip(items, sums):
                 folded[k] = (*folded[k][:2], acc)
         noisy: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # finalize: (p, sum, seed)
         for i, p, acc in folded:

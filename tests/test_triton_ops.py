@@ -241,8 +241,9 @@ def test_float64_goes_to_reference():
 def test_registered():
     for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
                  "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
-                 "add_noise_many", "dense_norm", "embedding_norm", "embedding_cross",
-                 "embedding_clipped_sum", "layer_norm_psg", "rms_norm_psg", "group_norm_psg"]:
+                 "add_noise_many", "dense_norm", "dense_norm_many", "rows_clipped_sum_many",
+                 "embedding_norm", "embedding_cross", "embedding_clipped_sum", "layer_norm_psg",
+                 "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
         assert backend == "triton" and fn.__module__.startswith("dpkernels.ops"), name
 
@@ -485,22 +486,34 @@ def test_rows_clipped_sum_many(B):
           torch.randn(B, 7, 4).transpose(1, 2), torch.randn(B, 2, 6)]
     shapes = [(17,), (3, 100), (130,), (7,), (2, 3)]
     accs = [None, torch.randn(3, 100), None, torch.randn(7), torch.randn(3, 2).t()]
-    xs64 = [x.double() for x in xs]
-    r64 = ref_dense.rows_clipped_sum_many(xs64, c.double(),
-                                          [a.double() if a is not None else None for a in accs],
-                                          shapes)
-    r32 = ref_dense.rows_clipped_sum_many([x.float() for x in xs], c,
-                                          [a.clone() if a is not None else None for a in accs],
-                                          shapes)
-    keep = [a for a in accs]
-    out = dense.rows_clipped_sum_many(xs, c, accs, shapes)
+    r64 = ref_dense.rows_clipped_sum_many(
+        [(x.double(), s) for x, s in zip(xs, shapes)], c.double(),
+        [a.double() if a is not None else None for a in accs])
+    r32 = ref_dense.rows_clipped_sum_many(
+        [(x.float(), s) for x, s in zip(xs, shapes)], c,
+        [a.clone() if a is not None else None for a in accs])
+    keep = list(accs)
+    out = dense.rows_clipped_sum_many(list(zip(xs, shapes)), c, accs)
     for i, (o, w64, w32) in enumerate(zip(out, r64, r32)):
         assert o.dtype == torch.float32 and o.shape == w64.shape, i
         if keep[i] is not None:
             assert o is keep[i]  # folded in place
         check(o, w64, w32, f"tensor {i}")
     with pytest.raises(ValueError, match="expected"):
-        dense.rows_clipped_sum_many([torch.randn(B, 2, 5)], c, [None], [(4,)])
+        dense.rows_clipped_sum_many([(torch.randn(B, 2, 5), (4,))], c, [None])
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_dense_norm_many(B):
+    rows = [torch.randn(B, 17), torch.randn(B, 2, 3000)[:, 1], torch.randn(B, 0),
+            torch.randn(B, 130).to(torch.bfloat16), torch.randn(B, 1)]
+    out = dense.dense_norm_many(rows)
+    assert out.shape == (len(rows), B)
+    for i, r in enumerate(rows):
+        check(out[i], ref_dense.dense_norm(r.double()), ref_dense.dense_norm(r.float()),
+              f"tensor {i}")
+    with pytest.raises(ValueError, match="expected"):
+        dense.dense_norm_many([torch.randn(B, 3), torch.randn(B + 1, 3)])
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 7), (1, 130), (0, 4), (3, 5000), (4, 2, 2, 2)])

@@ -103,10 +103,15 @@ class Use:
         """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes the loss scale)."""
         return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
 
-    def rows(self) -> torch.Tensor | None:
-        """[B, T, N] rows with ``G_b = sum_t rows[b, t]`` (reshaped to the parameter) when the
-        use is that simple, else None.  The engine folds the clipped sums of all such uses of
-        a step (biases, norm-layer affine terms) in one grouped op instead of one per use."""
+    def group(self) -> tuple[str, tuple] | None:
+        """(grouped op, operands) when this use's clipped sum can be folded together with the
+        other uses of the step naming the same op: ``fold`` then calls ``op(name, [operands,
+        ...], c, [acc, ...])`` once for all of them instead of ``clipped_sum`` per use."""
+        return None
+
+    def norm_rows(self) -> torch.Tensor | None:
+        """[B, N] when ``raw_norm`` is the squared norm of these rows and costs a pass of its
+        own: the engine then computes all such norms of a backward in one grouped op."""
         return None
 
 
@@ -141,9 +146,12 @@ class DenseUse(Use):
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.psg
 
-    def rows(self) -> torch.Tensor:
+    def group(self) -> tuple[str, tuple]:
+        return "rows_clipped_sum_many", (self.norm_rows().unsqueeze(1), self.psg.shape[1:])
+
+    def norm_rows(self) -> torch.Tensor:
         B = self.psg.shape[0]
-        return self.psg.reshape(B, 1, math.prod(self.psg.shape[1:]))  # explicit: B may be 0
+        return self.psg.reshape(B, math.prod(self.psg.shape[1:]))  # explicit: B may be 0
 
 
 class LinearUse(Use):
@@ -218,8 +226,8 @@ class BiasUse(Use):
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         return op("linear_bias_clipped_sum", self.g, c, acc, noise_std, seed, scale)
 
-    def rows(self) -> torch.Tensor:
-        return self.g
+    def group(self) -> tuple[str, tuple]:
+        return "rows_clipped_sum_many", (self.g, self.g.shape[-1:])
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

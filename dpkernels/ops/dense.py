@@ -125,10 +125,6 @@ def _dense_norm_kernel(x_ptr, out_ptr, N, sxb, sxn, BLOCK_N: tl.constexpr):
     tl.store(out_ptr + b, tl.sum(acc, axis=0))
 
 
-# table columns of _rows_many_kernel, one row per tensor
-_X, _SB, _ST, _SN, _T, _N, _OUT, _HAS_ACC = range(8)
-
-
 @triton.jit
 def _rows_many_kernel(table_ptr, c_ptr, B, X_TYPE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_N: tl.constexpr):
@@ -162,6 +158,25 @@ def _rows_many_kernel(table_ptr, c_ptr, B, X_TYPE: tl.constexpr, BLOCK_R: tl.con
         if has_acc != 0:
             tot += tl.load(out_ptr + cols, mask=mn, other=0.0)
         tl.store(out_ptr + cols, tot, mask=mn)
+
+
+@triton.jit
+def _norm_many_kernel(table_ptr, out_ptr, B, X_TYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[k, b] = sum_n x[b, n]^2`` for sample ``program_id(1)`` of the tensor in table row
+    ``program_id(0)`` (its address, strides, width N and output row k)."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 5
+    b = tl.program_id(1).to(tl.int64)
+    x_ptr = tl.load(row + 0).to(tl.pointer_type(X_TYPE))
+    sxb = tl.load(row + 1)
+    sxn = tl.load(row + 2)
+    N = tl.load(row + 3)
+    k = tl.load(row + 4)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
+        x = tl.load(x_ptr + b * sxb + n * sxn, mask=n < N, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(out_ptr + k * B + b, tl.sum(acc, axis=0))
 
 
 def finish(out: torch.Tensor, acc: torch.Tensor | None, parts: torch.Tensor | None,
@@ -288,47 +303,74 @@ _X_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float1
 
 
 @register("rows_clipped_sum_many", "triton")
-def rows_clipped_sum_many(xs: list[torch.Tensor], c: torch.Tensor, accs: list, shapes: list
-                          ) -> list[torch.Tensor]:
-    """For every ``xs[i]`` [B, T, N]: ``accs[i] + sum_{b,t} c_b xs[i][b, t, :]`` shaped
-    ``shapes[i]`` in float32 (in place into ``accs[i]``), no noise.  One launch per input
-    dtype for all tensors: a table of addresses, strides and sizes, one program per (tensor,
-    column tile) summing every row, so there is no split and no second pass."""
-    if not len(xs) == len(accs) == len(shapes):
-        raise ValueError(f"rows_clipped_sum_many: {len(xs)} inputs, {len(accs)} accumulators "
-                         f"and {len(shapes)} shapes")
-    if any(use_reference(x, a) for x, a in zip(xs, accs)):
-        return ref_dense.rows_clipped_sum_many(xs, c, accs, shapes)
-    out: list = [None] * len(xs)
+def rows_clipped_sum_many(items: list[tuple], c: torch.Tensor, accs: list) -> list[torch.Tensor]:
+    """For every ``(x, shape)`` of ``items`` (``x`` [B, T, N]): ``acc + sum_{b,t} c_b x[b, t, :]``
+    shaped ``shape`` in float32 (in place into the matching ``accs`` entry), no noise.  One
+    launch per input dtype for all of them: a table of addresses, strides and sizes, one
+    program per (tensor, column tile) summing every row, so no split and no second pass."""
+    if len(items) != len(accs):
+        raise ValueError(f"rows_clipped_sum_many: {len(items)} inputs but {len(accs)} "
+                         "accumulators")
+    if any(use_reference(x, a) for (x, _), a in zip(items, accs)):
+        return ref_dense.rows_clipped_sum_many(items, c, accs)
+    out: list = []
     groups: dict[torch.dtype, list[int]] = {}
-    for i, (x, acc, shape) in enumerate(zip(xs, accs, shapes)):
+    for i, ((x, shape), acc) in enumerate(zip(items, accs)):
         check_float("rows_clipped_sum_many", x)
         if x.dim() != 3 or x.shape[0] != c.shape[0] or x.shape[2] != math.prod(shape):
             raise ValueError(f"dpkernels.ops.rows_clipped_sum_many: input {i} has shape "
                              f"{tuple(x.shape)}, expected [{c.shape[0]}, T, {math.prod(shape)}]")
         o, acc_in = prepare_out(acc, tuple(shape), x.device)
-        out[i] = (o, acc_in, acc)
+        if acc_in is not None and acc_in is not o:  # a float32 copy of a strided acc
+            o.copy_(acc_in.view(o.shape))
+        out.append((o, acc_in is not None, acc))
         if x.numel() == 0 or o.numel() == 0:
             if acc_in is None:
                 o.zero_()
-            elif acc_in is not o:
-                o.copy_(acc_in.view(o.shape))
             continue
         groups.setdefault(x.dtype, []).append(i)
     for dt, idx in groups.items():
-        device = xs[idx[0]].device
-        rows = []
-        for i in idx:
-            x, (o, acc_in, _) = xs[i], out[i]
-            if acc_in is not None and acc_in is not o:  # a float32 copy of a strided acc
-                o.copy_(acc_in.view(o.shape))
-            rows.append([x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.shape[1],
-                         x.shape[2], o.data_ptr(), int(acc_in is not None)])
-        table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        device = items[idx[0]][0].device
+        table = torch.tensor(
+            [[x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.shape[1], x.shape[2],
+              out[i][0].data_ptr(), int(out[i][1])] for i in idx for x in (items[i][0],)],
+            dtype=torch.int64).to(device, non_blocking=True)
         cf = c.to(device=device, dtype=torch.float32).contiguous()
-        widest = max(xs[i].shape[2] for i in idx)
+        widest = max(items[i][0].shape[2] for i in idx)
         _rows_many_kernel[(len(idx), triton.cdiv(widest, BLOCK_N_ROWS))](
             table_ptr=table, c_ptr=cf, B=c.shape[0], X_TYPE=_X_TYPES[dt], BLOCK_R=32,
             BLOCK_N=BLOCK_N_ROWS,
         )
     return [hand_back(o, acc) for (o, _, acc) in out]
+
+
+@register("dense_norm_many", "triton")
+def dense_norm_many(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[len(rows), B] float32 squared norms of every ``rows[i]`` [B, N]: one launch per input
+    dtype over a table of addresses, strides and widths, one program per (tensor, sample)."""
+    if not rows:
+        raise ValueError("dense_norm_many: no inputs")
+    if any(use_reference(r) for r in rows):
+        return ref_dense.dense_norm_many(rows)
+    B = rows[0].shape[0]
+    device = rows[0].device
+    out = torch.empty(len(rows), B, dtype=torch.float32, device=device)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, r in enumerate(rows):
+        check_float("dense_norm_many", r)
+        if r.dim() != 2 or r.shape[0] != B:
+            raise ValueError(f"dpkernels.ops.dense_norm_many: input {i} has shape "
+                             f"{tuple(r.shape)}, expected [{B}, N]")
+        if r.shape[1] == 0:
+            out[i].zero_()
+        else:
+            groups.setdefault(r.dtype, []).append(i)
+    if B == 0:
+        return out
+    for dt, idx in groups.items():
+        table = torch.tensor([[rows[i].data_ptr(), rows[i].stride(0), rows[i].stride(1),
+                               rows[i].shape[1], i] for i in idx],
+                             dtype=torch.int64).to(device, non_blocking=True)
+        _norm_many_kernel[(len(idx), B)](table_ptr=table, out_ptr=out, B=B,
+                                         X_TYPE=_X_TYPES[dt], BLOCK_N=1024)
+    return out

@@ -47,17 +47,22 @@ def add_noise_many(accs: list[torch.Tensor], noise_std=0.0, seeds=(), scale=1.0
 
 
 @register("rows_clipped_sum_many", "reference")
-def rows_clipped_sum_many(xs: list[torch.Tensor], c: torch.Tensor, accs: list, shapes: list
-                          ) -> list[torch.Tensor]:
-    """For every ``xs[i]`` [B, T, N]: ``accs[i] + sum_{b,t} c_b xs[i][b, t, :]`` shaped
-    ``shapes[i]`` (in place into ``accs[i]`` when given, else fresh), no noise: the clipped
-    sums of all biases and norm-layer affine terms of a step, folded together."""
-    if not len(xs) == len(accs) == len(shapes):
-        raise ValueError(f"rows_clipped_sum_many: {len(xs)} inputs, {len(accs)} accumulators "
-                         f"and {len(shapes)} shapes")
+def rows_clipped_sum_many(items: list[tuple], c: torch.Tensor, accs: list) -> list[torch.Tensor]:
+    """For every ``(x, shape)`` of ``items`` (``x`` [B, T, N]): ``acc + sum_{b,t} c_b x[b, t, :]``
+    shaped ``shape`` (in place into the matching ``accs`` entry when given), no noise: the
+    clipped sums of all biases and norm-layer affine terms of a step, folded together."""
+    if len(items) != len(accs):
+        raise ValueError(f"rows_clipped_sum_many: {len(items)} inputs but {len(accs)} "
+                         "accumulators")
     out = []
-    for x, acc, shape in zip(xs, accs, shapes):
+    for (x, shape), acc in zip(items, accs):
         dt = acc_dtype(x, acc)
         update = (c.to(dt) @ x.to(dt).sum(1)).reshape(shape)
         out.append(finish(acc, update if acc is None else update.reshape(acc.shape), 0.0, 0, 1.0))
     return out
+
+
+@register("dense_norm_many", "reference")
+def dense_norm_many(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[len(rows), B] squared norms of every ``rows[i]`` [B, N] (per sample)."""
+    return torch.stack([dense_norm(r) for r in rows])
