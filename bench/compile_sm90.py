@@ -5,6 +5,8 @@ The CPU interpreter does not check what the real compiler does (power-of-two ara
 shapes and dtypes, shared-memory and register budgets, int32 overflow in addresses), and device
 time is scarce, so run this before a GPU session.  It fakes the driver (target cuda/90),
 calls the real launchers on CPU tensors and compiles each autotune config without launching.
+The last lines list the variants whose cuobjdump resource usage shows a STACK or LOCAL frame
+(ptxas register spills) and count variants, failures and spilling variants.
 Use the triton the GPU machine has (3.6 at the time of writing), next to any torch:
 
     python -m venv /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
@@ -16,6 +18,7 @@ Exit status 1 if any variant fails to compile.
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -118,6 +121,8 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
     linear.clipped_sum(a, g, c, None, 0.7, 5, 1.0, split=2)
+    linear.linear_clipped_sum_many([(a, g), (R(16, 30, 100, dt=dt), R(16, 30, 50, dt=dt))], c,
+                                   [None, torch.randn(50, 100)])
     linear.linear_bias_clipped_sum(g, c, torch.randn(768), 0.3, 2**40, 0.5)
     dense.dense_clipped_sum(R(16, 3, 5, 7, dt=dt), c, None, 1.0, 3, 1.0)
     ids = torch.randint(0, 100, (4, 300))
@@ -136,6 +141,11 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
         norms.group_norm_psg(x, x, G, 1e-5)
         norms.group_norm_psg(x, x, G, 1e-5, False, True)
     dense.add_noise(torch.zeros(1000), 0.7, 11, 2.0)
+    dense.add_noise_many([torch.zeros(1000), torch.zeros(3, 5)], 0.7, [11, 2**61 + 3], 2.0)
+    dense.rows_clipped_sum_many([(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
+                                c, [None, torch.randn(300)])
+    dense.dense_norm(R(16, 768, dt=dt))
+    dense.dense_norm_many([R(16, 768, dt=dt), R(16, 2, 300, dt=dt)[:, 1]])
     for xs, ws, st, pad, dil, grp in [((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
                                        ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
                                        ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
@@ -161,7 +171,16 @@ linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
 torch.backends.cuda.matmul.allow_tf32 = old
 
-print("variants", len(SEEN), "failures", len(FAIL))
+def _field(ru: str, name: str) -> int:
+    m = re.search(name + r":(\d+)", ru)
+    return int(m.group(1)) if m else 0
+
+
+# ptxas spills land in local memory: a variant with a STACK or LOCAL frame spills registers
+spills = {t: ru for t, (_, ru) in SEEN.items() if _field(ru, "STACK") or _field(ru, "LOCAL")}
+for tag, ru in spills.items():
+    print("SPILLS", tag, ru)
+print("variants", len(SEEN), "failures", len(FAIL), "spilling", len(spills))
 for tag, err in FAIL:
     print("FAILED", tag, err)
 sys.exit(1 if FAIL else 0)

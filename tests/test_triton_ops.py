@@ -242,6 +242,7 @@ def test_registered():
     for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
                  "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
                  "add_noise_many", "dense_norm", "dense_norm_many", "rows_clipped_sum_many",
+                 "linear_clipped_sum_many",
                  "embedding_norm", "embedding_cross", "embedding_clipped_sum", "layer_norm_psg",
                  "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
@@ -523,3 +524,35 @@ def test_dense_norm(shape):
     strided = torch.randn(shape[0], 2, math.prod(shape[1:]))[:, 1]  # like a norm-layer term
     check(dense.dense_norm(strided), ref_dense.dense_norm(strided.double()),
           ref_dense.dense_norm(strided))
+
+
+@pytest.mark.parametrize("scratch", [64 * 2**20, 1], ids=["one-chunk", "chunk-per-layer"])
+def test_linear_clipped_sum_many(scratch, monkeypatch):
+    # float32 layers share one scaling launch (p <= d scales g, p > d scales a; strided
+    # inputs; accumulators absent, in place, strided); a bf16 layer takes the Triton kernel
+    monkeypatch.setattr(linear, "SCALE_SCRATCH_BYTES", scratch)
+    B = 3
+    c = torch.rand(B)
+    items = [(torch.randn(B, 63, 33), torch.randn(B, 63, 17)),
+             (torch.randn(B, 5, 9), torch.randn(B, 5, 40)),
+             (torch.randn(B, 70, 7).transpose(1, 2), torch.randn(B, 7, 12)),
+             (torch.randn(B, 4, 21).to(torch.bfloat16), torch.randn(B, 4, 34).to(torch.bfloat16)),
+             (torch.randn(B, 1, 6), torch.randn(B, 1, 5))]
+    accs = [None, torch.randn(40, 9), torch.randn(70, 12).t(), None, torch.randn(5, 6)]
+    keep = list(accs)
+    want64 = [ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(),
+                                         acc.double() if acc is not None else None)
+              for (a, g), acc in zip(items, accs)]
+    want32 = [ref_lin.linear_clipped_sum(a.float(), g.float(), c,
+                                         acc.clone() if acc is not None else None)
+              for (a, g), acc in zip(items, accs)]
+    out = linear.linear_clipped_sum_many(items, c, accs)
+    for i, (o, w64, w32) in enumerate(zip(out, want64, want32)):
+        if keep[i] is not None:
+            assert o is keep[i]  # folded in place
+        if i == 3:  # bf16: hi + lo, ~2^-17 per element (test_linear_clipped_sum_16bit)
+            assert rel(o, w64) <= 2**-15
+        else:
+            check(o, w64, w32, f"layer {i}")
+    with pytest.raises(ValueError, match="2 inputs but 1"):
+        linear.linear_clipped_sum_many(items[:2], c, accs[:1])

@@ -194,6 +194,9 @@ class LinearUse(Use):
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         return op("linear_clipped_sum", self.a, self.g, c, acc, noise_std, seed, scale)
 
+    def group(self) -> tuple[str, tuple]:
+        return "linear_clipped_sum_many", (self.a, self.g)
+
 
 class BiasUse(Use):
     """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases).  ``norm``: its [B]
