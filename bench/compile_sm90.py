@@ -5,8 +5,9 @@ The CPU interpreter does not check what the real compiler does (power-of-two ara
 shapes and dtypes, shared-memory and register budgets, int32 overflow in addresses), and device
 time is scarce, so run this before a GPU session.  It fakes the driver (target cuda/90),
 calls the real launchers on CPU tensors and compiles each autotune config without launching.
-The last lines list the variants whose cuobjdump resource usage shows a STACK or LOCAL frame
-(ptxas register spills) and count variants, failures and spilling variants.
+A variant whose cuobjdump resource usage has a STACK or LOCAL frame is recompiled with
+``ptxas -v`` for its spill stores and loads; the last lines list the variants that spill and
+count variants, failures and spilling variants.
 Use the triton the GPU machine has (3.6 at the time of writing), next to any torch:
 
     python -m venv /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
@@ -67,6 +68,31 @@ def res_usage(cubin):
     return line[0].strip() if line else out[-200:]
 
 
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+
+
+def spill_report(ptx: str) -> str:
+    """ptxas -v's register and spill line: a stack frame alone may be call frames (the Philox
+    normal's math calls), spill stores are what count."""
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    lines = [ln.split("ptxas info    :")[-1].strip() for ln in out.stderr.splitlines()
+             if "spill" in ln or "Used" in ln]
+    return "; ".join(lines) or out.stderr[-300:]
+
+
+def _field(ru: str, name: str) -> int:
+    m = re.search(name + r":(\d+)", ru)
+    return int(m.group(1)) if m else 0
+
+
+def _spills(ru: str) -> int:
+    return sum(int(x) for x in re.findall(r"(\d+) bytes spill", ru))
+
+
 def run(self, *args, grid, warmup, **kwargs):
     ce = {k: v for k, v in kwargs.items() if k.isupper() and not isinstance(v, torch.Tensor)}
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
@@ -80,6 +106,8 @@ def run(self, *args, grid, warmup, **kwargs):
         return None
     if tag not in SEEN:
         ru = res_usage(k.asm["cubin"])
+        if _field(ru, "STACK") or _field(ru, "LOCAL"):
+            ru += " | " + spill_report(k.asm["ptx"])
         SEEN[tag] = (k.metadata.shared, ru)
         print(f"ok {tag} shared={k.metadata.shared} {ru}", flush=True)
     return k
@@ -171,13 +199,7 @@ linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
 torch.backends.cuda.matmul.allow_tf32 = old
 
-def _field(ru: str, name: str) -> int:
-    m = re.search(name + r":(\d+)", ru)
-    return int(m.group(1)) if m else 0
-
-
-# ptxas spills land in local memory: a variant with a STACK or LOCAL frame spills registers
-spills = {t: ru for t, (_, ru) in SEEN.items() if _field(ru, "STACK") or _field(ru, "LOCAL")}
+spills = {t: ru for t, (_, ru) in SEEN.items() if _spills(ru)}
 for tag, ru in spills.items():
     print("SPILLS", tag, ru)
 print("variants", len(SEEN), "failures", len(FAIL), "spilling", len(spills))
