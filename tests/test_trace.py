@@ -2,8 +2,9 @@
 non-private step of the same model (Triton launches and kernel-launching torch ops, counted by
 tracing one step with fake tensors, launchers sizing for an H200 without launching; no GPU).
 
-The budgets are what the grouped fold launches today (commit on branch perf, 2026-12-02: gpt-tiny
-fp32 +48, bf16 +28, mlp-tiny +17; main before it: +110, +90, +19).  A change that adds
+The budgets are what a step launches with the grouped fold (2026-12-02: gpt-tiny fp32 +53,
+bf16 +33, mlp-tiny +22, of which ~5 are step()'s non-finite check; main at 30526b8: +110, +90,
++19).  A change that adds
 launches per layer fails here; lower a budget when launches are removed, never raise it
 without saying why in the commit.
 """
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET = {("gpt-tiny", "fp32"): 48, ("gpt-tiny", "bf16"): 28, ("mlp-tiny", "fp32"): 17}
+BUDGET = {("gpt-tiny", "fp32"): 53, ("gpt-tiny", "bf16"): 33, ("mlp-tiny", "fp32"): 22}
 
 
 def test_launch_budget(tmp_path):
