@@ -2,9 +2,11 @@
 non-private step of the same model (Triton launches and kernel-launching torch ops, counted by
 tracing one step with fake tensors, launchers sizing for an H200 without launching; no GPU).
 
-The budgets are what a step launches with the grouped fold (2026-12-02: gpt-tiny fp32 +53,
-bf16 +33, mlp-tiny +22, of which ~5 are step()'s non-finite check; main at 30526b8: +110, +90,
-+19).  A change that adds
+The budgets are what a step launches with the grouped fold (2026-12-02, on main c787841:
+gpt-tiny fp32 +333, bf16 +340, mlp-tiny +24).  Most of it is the cancellation bounds' small
+torch ops (c787841 added ~14 launches per Linear use: gpt-tiny +53 / +33 / +22 on b220606 just
+before it; main at 30526b8: +110, +90, +19); fusing them into the norm kernels is the next
+step, and lowers these budgets.  A change that adds
 launches per layer fails here; lower a budget when launches are removed, never raise it
 without saying why in the commit.
 """
@@ -20,7 +22,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET = {("gpt-tiny", "fp32"): 53, ("gpt-tiny", "bf16"): 33, ("mlp-tiny", "fp32"): 22}
+BUDGET = {("gpt-tiny", "fp32"): 333, ("gpt-tiny", "bf16"): 340, ("mlp-tiny", "fp32"): 24}
 
 
 def test_launch_budget(tmp_path):
