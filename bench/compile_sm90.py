@@ -5,6 +5,9 @@ The CPU interpreter does not check what the real compiler does (power-of-two ara
 shapes and dtypes, shared-memory and register budgets, int32 overflow in addresses), and device
 time is scarce, so run this before a GPU session.  It fakes the driver (target cuda/90),
 calls the real launchers on CPU tensors and compiles each autotune config without launching.
+A variant whose cuobjdump resource usage has a STACK or LOCAL frame is recompiled with
+``ptxas -v`` for its spill stores and loads; the last lines list the variants that spill and
+count variants, failures and spilling variants.
 Use the triton the GPU machine has (3.6 at the time of writing), next to any torch:
 
     python -m venv /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
@@ -16,6 +19,7 @@ Exit status 1 if any variant fails to compile.
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,31 @@ def res_usage(cubin):
     return line[0].strip() if line else out[-200:]
 
 
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+
+
+def spill_report(ptx: str) -> str:
+    """ptxas -v's register and spill line: a stack frame alone may be call frames (the Philox
+    normal's math calls), spill stores are what count."""
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    lines = [ln.split("ptxas info    :")[-1].strip() for ln in out.stderr.splitlines()
+             if "spill" in ln or "Used" in ln]
+    return "; ".join(lines) or out.stderr[-300:]
+
+
+def _field(ru: str, name: str) -> int:
+    m = re.search(name + r":(\d+)", ru)
+    return int(m.group(1)) if m else 0
+
+
+def _spills(ru: str) -> int:
+    return sum(int(x) for x in re.findall(r"(\d+) bytes spill", ru))
+
+
 def run(self, *args, grid, warmup, **kwargs):
     ce = {k: v for k, v in kwargs.items() if k.isupper() and not isinstance(v, torch.Tensor)}
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
@@ -77,6 +106,8 @@ def run(self, *args, grid, warmup, **kwargs):
         return None
     if tag not in SEEN:
         ru = res_usage(k.asm["cubin"])
+        if _field(ru, "STACK") or _field(ru, "LOCAL"):
+            ru += " | " + spill_report(k.asm["ptx"])
         SEEN[tag] = (k.metadata.shared, ru)
         print(f"ok {tag} shared={k.metadata.shared} {ru}", flush=True)
     return k
@@ -118,6 +149,8 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
     linear.clipped_sum(a, g, c, None, 0.7, 5, 1.0, split=2)
+    linear.linear_clipped_sum_many([(a, g), (R(16, 30, 100, dt=dt), R(16, 30, 50, dt=dt))], c,
+                                   [None, torch.randn(50, 100)])
     linear.linear_bias_clipped_sum(g, c, torch.randn(768), 0.3, 2**40, 0.5)
     dense.dense_clipped_sum(R(16, 3, 5, 7, dt=dt), c, None, 1.0, 3, 1.0)
     ids = torch.randint(0, 100, (4, 300))
@@ -136,6 +169,11 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
         norms.group_norm_psg(x, x, G, 1e-5)
         norms.group_norm_psg(x, x, G, 1e-5, False, True)
     dense.add_noise(torch.zeros(1000), 0.7, 11, 2.0)
+    dense.add_noise_many([torch.zeros(1000), torch.zeros(3, 5)], 0.7, [11, 2**61 + 3], 2.0)
+    dense.rows_clipped_sum_many([(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
+                                c, [None, torch.randn(300)])
+    dense.dense_norm(R(16, 768, dt=dt))
+    dense.dense_norm_many([R(16, 768, dt=dt), R(16, 2, 300, dt=dt)[:, 1]])
     for xs, ws, st, pad, dil, grp in [((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
                                        ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
                                        ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
@@ -161,7 +199,10 @@ linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
 torch.backends.cuda.matmul.allow_tf32 = old
 
-print("variants", len(SEEN), "failures", len(FAIL))
+spills = {t: ru for t, (_, ru) in SEEN.items() if _spills(ru)}
+for tag, ru in spills.items():
+    print("SPILLS", tag, ru)
+print("variants", len(SEEN), "failures", len(FAIL), "spilling", len(spills))
 for tag, err in FAIL:
     print("FAILED", tag, err)
 sys.exit(1 if FAIL else 0)

@@ -146,6 +146,8 @@ def _resolve(name: str, backend: str, device_type: str) -> tuple[Callable, str]:
 
 def _device_type(args, kwargs) -> str:
     for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)) and a:  # grouped ops take lists of tensors
+            a = a[0]
         if isinstance(a, torch.Tensor):
             return a.device.type
     return "cpu"

@@ -81,7 +81,9 @@ class Engine:
         self.params: list[nn.Parameter] = []
         # per micro-batch state
         self.uses: dict[nn.Parameter, list[Use]] = {}
-        self.norm_sq: torch.Tensor | None = None
+        self._norm_sq: torch.Tensor | None = None  # read through the norm_sq property
+        self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
+        self._norm_rows: list[torch.Tensor] = []  # [B, N] rows whose norms are not yet taken
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self.err_sq: torch.Tensor | None = None
         self.batch_size: int | None = None
@@ -323,26 +325,14 @@ class Engine:
         reused = self.calls.get(name, 0) > 1
         # raw squared norms: the loss scale is applied once, in clip_factors
         for p, use in uses:
-            own = use.raw_norm(self.op)
-            contrib = own
-            err = use.norm_error(own)
-            use.norm_sq = own
             earlier = self.uses.setdefault(p, [])
-            for u in earlier:
-                contrib = contrib + 2.0 * cross(u, use, self.op)
-                e = cross_error(u, use, u.norm_sq, own)
-                if e is not None:
-                    err = e if err is None else err + e
-            if self.norm_sq is None:
-                self.norm_sq = torch.zeros(batch_size, dtype=contrib.dtype, device=contrib.device)
-            elif contrib.dtype != self.norm_sq.dtype:
-                dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
-                self.norm_sq = self.norm_sq.to(dt)
-            self.norm_sq += contrib.to(self.norm_sq.dtype)
-            if err is not None:
-                if self.err_sq is None:
-                    self.err_sq = torch.zeros_like(self.norm_sq)
-                self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
+            # a term used once whose norm is a plain sum of squares of materialised rows (no
+            # cancellation bound, no cross term to come): all of them in one op, in norm_sq
+            rows = None if (earlier or reused or p in self.shared) else use.norm_rows()
+            if rows is not None:
+                self._norm_rows.append(rows)
+            else:
+                self._add_norm(use, earlier)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -374,6 +364,22 @@ class Engine:
         """The model's forward returned (a forward that raised does not count)."""
         if self.attached and not recomputing() and torch.is_grad_enabled():
             self.root_forwards += 1
+
+    def _add_norm(self, use: Use, earlier: list[Use]) -> None:
+        """Append ``use``'s squared norm and its cross terms with the ``earlier`` uses of its
+        parameter, and add their cancellation bounds to ``err_sq``."""
+        own = use.raw_norm(self.op)
+        contrib = own
+        err = use.norm_error(own)
+        use.norm_sq = own
+        for u in earlier:
+            contrib = contrib + 2.0 * cross(u, use, self.op)
+            e = cross_error(u, use, u.norm_sq, own)
+            if e is not None:
+                err = e if err is None else err + e
+        self._norm_parts.append(contrib)  # summed once, by the norm_sq property
+        if err is not None:
+            self.err_sq = err if self.err_sq is None else self.err_sq + err.to(self.err_sq.dtype)
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -441,6 +447,29 @@ class Engine:
         if self.norm_sq is None or not self.backward_done:
             return None
         return self.norm_sq.detach().clamp_min(0).sqrt() * self.loss_scale
+
+    @property
+    def norm_sq(self) -> torch.Tensor | None:
+        """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
+        each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
+        are summed here in one pass (a few launches, not one or two per use)."""
+        parts = self._norm_parts
+        if self._norm_rows:
+            parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))
+            self._norm_rows = []
+        if parts:
+            if self._norm_sq is not None:
+                parts.insert(0, self._norm_sq)
+            dt = parts[0].dtype
+            for t in parts[1:]:
+                dt = torch.promote_types(dt, t.dtype)
+            self._norm_sq = torch.stack([t.to(dt) for t in parts]).sum(0)
+            self._norm_parts = []
+        return self._norm_sq
+
+    @norm_sq.setter
+    def norm_sq(self, value: torch.Tensor | None) -> None:
+        self._norm_sq, self._norm_parts, self._norm_rows = value, [], []
 
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
@@ -515,6 +544,8 @@ class Engine:
         previous: dict = {}
         if finalize:
             previous, self.written = self.written, {}
+        folded: list[tuple[int, nn.Parameter, torch.Tensor | None]] = []
+        groups: dict[str, list[tuple[int, tuple]]] = {}  # op -> (index in folded, operands)
         for i, p in enumerate(self.params):
             uses = self.uses.get(p, [])
             if not p.requires_grad and not uses:
@@ -530,21 +561,38 @@ class Engine:
             if finalize:
                 self._check_no_leak(p, previous.get(p))
             acc = self.acc.pop(p, None)
-            seed = seeds(i) if (finalize and seeds is not None) else 0
-            for j, u in enumerate(uses):
-                last = finalize and j == len(uses) - 1
-                acc = u.clipped_sum(self.op, c, acc, noise_std if last else 0.0,
-                                    seed, scale if last else 1.0)
+            grouped = None  # one use per parameter joins a group; others fold here
+            for u in uses:
+                job = u.group() if grouped is None else None
+                if job is None:
+                    acc = u.clipped_sum(self.op, c, acc, 0.0, 0, 1.0)
+                else:
+                    grouped = job
+            if grouped is not None:
+                groups.setdefault(grouped[0], []).append((len(folded), grouped[1]))
+            folded.append((i, p, acc))
+        for name, items in groups.items():
+            # all clipped sums of the step that this op folds (e.g. every bias and norm-layer
+            # term) in one call
+            sums = self.op(name, [ops for _, ops in items], c, [folded[k][2] for k, _ in items])
+            for (k, _), acc in zip(items, sums):
+                folded[k] = (*folded[k][:2], acc)
+        noisy: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # finalize: (p, sum, seed)
+        for i, p, acc in folded:
             if finalize:
-                if not uses:
-                    if acc is None:
-                        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                        acc = torch.zeros(p.shape, dtype=dt, device=p.device)
-                    acc = self.op("add_noise", acc, noise_std, seed, scale)
-                p.grad = acc.reshape(p.shape).to(p.dtype)
-                self.written[p] = (p.grad, p.grad._version)
+                if acc is None:
+                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    acc = torch.zeros(p.shape, dtype=dt, device=p.device)
+                noisy.append((p, acc, seeds(i) if seeds is not None else 0))
             elif acc is not None:
                 self.acc[p] = acc
+        if noisy:
+            # noise once per parameter and the scale, for all parameters in one grouped op
+            accs = self.op("add_noise_many", [a for _, a, _ in noisy], noise_std,
+                           [s for _, _, s in noisy], scale)
+            for (p, _, _), acc in zip(noisy, accs):
+                p.grad = acc.reshape(p.shape).to(p.dtype)
+                self.written[p] = (p.grad, p.grad._version)
         self.clear_pending()
 
     def refresh_written(self) -> None:

@@ -148,20 +148,43 @@ def test_linear_bias_norm(B, T, d, p):
           ref_lin.linear_bias_norm(g))
 
 
-@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES)
-@pytest.mark.parametrize("split", [None, 3])
-def test_linear_clipped_sum(B, T, d, p, split):
+# float32 clipped sums run on torch's GEMM ("gemm") by default; the Triton kernel ("triton")
+# keeps float32 for TF32-allowed runs (tf32x3), so both paths are tested with every epilogue.
+CLIPPED_PATHS = [pytest.param("triton", None, id="triton"), pytest.param("triton", 3, id="split3"),
+                 pytest.param("gemm", None, id="gemm")]
+
+
+@pytest.mark.parametrize("B,T,d,p", LIN_SHAPES + [pytest.param(2, 5, 40, 9, id="B2-T5-d40-p9")])
+@pytest.mark.parametrize("path,split", CLIPPED_PATHS)
+def test_linear_clipped_sum(B, T, d, p, path, split):
     a, g, c = torch.randn(B, T, d), torch.randn(B, T, p), torch.rand(B)
     acc = torch.randn(p, d)
     r64 = ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(), acc.double(), 0.0, 0,
                                      0.25)
     r32 = ref_lin.linear_clipped_sum(a, g, c, acc.clone(), 0.0, 0, 0.25)
-    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split)
+    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split, path=path)
     assert out is acc  # folded in place
     check(out, r64, r32, "with acc")
-    out = linear.clipped_sum(a, g, c, split=split)
+    out = linear.clipped_sum(a, g, c, split=split, path=path)
     check(out, ref_lin.linear_clipped_sum(a.double(), g.double(), c.double()),
           ref_lin.linear_clipped_sum(a, g, c), "fresh")
+    # a strided accumulator is read through a float32 copy and updated in place
+    acc_t = torch.randn(d, p).t()
+    want64 = ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(), acc_t.double(), 0.0,
+                                        0, 0.5)
+    want32 = ref_lin.linear_clipped_sum(a, g, c, acc_t.clone(), 0.0, 0, 0.5)
+    out = linear.clipped_sum(a, g, c, acc_t, 0.0, 0, 0.5, split=split, path=path)
+    assert out is acc_t
+    check(out, want64, want32, "strided acc")
+
+
+def test_clipped_sum_path_rule():
+    assert linear.clipped_sum_path(torch.float32) == "gemm"  # torch's default: no TF32
+    assert linear.clipped_sum_path(torch.bfloat16) == "triton"
+    assert linear.clipped_sum_path(torch.float16) == "triton"
+    with pytest.raises(ValueError, match="path must be"):
+        linear.clipped_sum(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.ones(1),
+                           path="cublas")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -218,6 +241,8 @@ def test_float64_goes_to_reference():
 def test_registered():
     for name in ["linear_norm", "linear_norms", "linear_cross", "linear_bias_norm",
                  "linear_clipped_sum", "linear_bias_clipped_sum", "dense_clipped_sum", "add_noise",
+                 "add_noise_many", "dense_norm", "dense_norm_many", "rows_clipped_sum_many",
+                 "linear_clipped_sum_many",
                  "embedding_norm", "embedding_cross", "embedding_clipped_sum", "layer_norm_psg",
                  "rms_norm_psg", "group_norm_psg"]:
         fn, backend = dispatch.resolve(name, "triton", DEVICE)
@@ -233,9 +258,9 @@ def test_registered():
 N_NOISE = 64 * 80
 
 
-def _noise_linear(seed, std=1.5, split=None):
+def _noise_linear(seed, std=1.5, split=None, path=None):
     a, g, c = torch.zeros(2, 3, 80), torch.zeros(2, 3, 64), torch.ones(2)
-    return linear.clipped_sum(a, g, c, None, std, seed, 1.0, split=split)
+    return linear.clipped_sum(a, g, c, None, std, seed, 1.0, split=split, path=path)
 
 
 def test_noise_statistics():
@@ -252,7 +277,8 @@ def test_noise_statistics():
 def test_noise_seeds():
     z1, z2 = _noise_linear(7), _noise_linear(7)
     assert torch.equal(z1, z2)  # reproducible
-    assert torch.equal(z1, _noise_linear(7, split=2))  # keyed by element, not by tiling
+    assert torch.equal(z1, _noise_linear(7, split=2, path="triton"))  # keyed by element,
+    assert torch.equal(z1, _noise_linear(7, path="triton"))  # not by tiling or path
     assert not torch.equal(z1, _noise_linear(8))
     big = 2**61 + 7  # engine seeds are 62-bit: the high bits must change the noise
     assert not torch.equal(_noise_linear(big), z1)
@@ -381,3 +407,152 @@ def test_group_norm_psg(shape, G, need):
         assert (o is None) == (a is None)
         if o is not None:
             check(o, a, b)
+
+
+# ---------------------------------------------------------------------------- compile stalls
+
+
+def _kernels():
+    """(name, autotuner or None, base jit function) of every Triton kernel in dpkernels.ops."""
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    from dpkernels.ops import conv
+
+    for mod in (dense, embedding, linear, norms, conv):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel"):
+                tuner = obj if isinstance(obj, Autotuner) else None
+                base = obj.fn if tuner is not None else obj
+                yield name, tuner, base, list(inspect.signature(base.fn).parameters)
+
+
+def _not_specialised(base) -> set:
+    """Names of the arguments Triton does not specialise (JIT or interpreted function)."""
+    if hasattr(base, "params"):
+        return {p.name for p in base.params if p.do_not_specialize}
+    names = list(base.arg_names)
+    return {names[i] if isinstance(i, int) else i
+            for i in base.kwargs.get("do_not_specialize") or []}
+
+
+def test_seeds_are_not_specialised():
+    # a 62-bit seed divisible by 16 would otherwise compile a new variant mid-training
+    seen = 0
+    for name, _, base, args in _kernels():
+        if "seed" in args:
+            seen += 1
+            assert "seed" in _not_specialised(base), name
+    assert seen >= 3
+
+
+def test_autotune_keys_are_bucketed():
+    # every Poisson batch size would re-tune a key holding the row count
+    for name, tuner, _, _ in _kernels():
+        if tuner is not None:
+            assert not {"R", "rows_per_split"} & set(tuner.keys), (name, tuner.keys)
+
+
+def test_add_noise_many_is_add_noise_per_tensor():
+    # one launch for all parameters must add exactly the noise add_noise adds to each, with
+    # its seed (62-bit seeds, sizes that are not multiples of the block, a strided and a
+    # float64 tensor that take the one-at-a-time path)
+    shapes = [(3,), (40, 70), (1,), (2049,), (5, 7)]
+    accs = [torch.randn(s) for s in shapes]
+    accs.append(torch.randn(6, 4).t())
+    accs.append(torch.randn(9, dtype=torch.float64))
+    seeds = [2**61 + 7, 5, 16, 2**40, 3, 11, 12]
+    want = [dense.add_noise(a.clone(), 1.5, s, 0.25) for a, s in zip(accs, seeds)]
+    got = dense.add_noise_many([a.clone() for a in accs], 1.5, seeds, 0.25)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    inplace = [a.clone() for a in accs[:2]]
+    out = dense.add_noise_many(inplace, 1.0, seeds[:2], 1.0)
+    assert out[0] is inplace[0] and out[1] is inplace[1]
+    assert not torch.equal(inplace[0], accs[0])
+    with pytest.raises(ValueError, match="2 tensors but 1 seeds"):
+        dense.add_noise_many(accs[:2], 1.0, seeds[:1], 1.0)
+    ref = ref_dense.add_noise_many([a.clone().double() for a in accs[:2]], 0.0, seeds[:2], 0.5)
+    torch.testing.assert_close(ref[1], accs[1].double() * 0.5, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_rows_clipped_sum_many(B):
+    # biases ([B, T, p], one strided like a conv's), norm-layer terms ([B, 1, N]), 16-bit rows,
+    # widths that are not multiples of the column tile, with and without accumulators
+    c = torch.rand(B)
+    xs = [torch.randn(B, 63, 17), torch.randn(B, 1, 300), torch.randn(B, 5, 130).to(torch.bfloat16),
+          torch.randn(B, 7, 4).transpose(1, 2), torch.randn(B, 2, 6)]
+    shapes = [(17,), (3, 100), (130,), (7,), (2, 3)]
+    accs = [None, torch.randn(3, 100), None, torch.randn(7), torch.randn(3, 2).t()]
+    r64 = ref_dense.rows_clipped_sum_many(
+        [(x.double(), s) for x, s in zip(xs, shapes)], c.double(),
+        [a.double() if a is not None else None for a in accs])
+    r32 = ref_dense.rows_clipped_sum_many(
+        [(x.float(), s) for x, s in zip(xs, shapes)], c,
+        [a.clone() if a is not None else None for a in accs])
+    keep = list(accs)
+    out = dense.rows_clipped_sum_many(list(zip(xs, shapes)), c, accs)
+    for i, (o, w64, w32) in enumerate(zip(out, r64, r32)):
+        assert o.dtype == torch.float32 and o.shape == w64.shape, i
+        if keep[i] is not None:
+            assert o is keep[i]  # folded in place
+        check(o, w64, w32, f"tensor {i}")
+    with pytest.raises(ValueError, match="expected"):
+        dense.rows_clipped_sum_many([(torch.randn(B, 2, 5), (4,))], c, [None])
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_dense_norm_many(B):
+    rows = [torch.randn(B, 17), torch.randn(B, 2, 3000)[:, 1], torch.randn(B, 0),
+            torch.randn(B, 130).to(torch.bfloat16), torch.randn(B, 1)]
+    out = dense.dense_norm_many(rows)
+    assert out.shape == (len(rows), B)
+    for i, r in enumerate(rows):
+        check(out[i], ref_dense.dense_norm(r.double()), ref_dense.dense_norm(r.float()),
+              f"tensor {i}")
+    with pytest.raises(ValueError, match="expected"):
+        dense.dense_norm_many([torch.randn(B, 3), torch.randn(B + 1, 3)])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (1, 130), (0, 4), (3, 5000), (4, 2, 2, 2)])
+def test_dense_norm(shape):
+    psg = torch.randn(shape)
+    check(dense.dense_norm(psg), ref_dense.dense_norm(psg.double()), ref_dense.dense_norm(psg))
+    strided = torch.randn(shape[0], 2, math.prod(shape[1:]))[:, 1]  # like a norm-layer term
+    check(dense.dense_norm(strided), ref_dense.dense_norm(strided.double()),
+          ref_dense.dense_norm(strided))
+
+
+@pytest.mark.parametrize("scratch", [64 * 2**20, 1], ids=["one-chunk", "chunk-per-layer"])
+def test_linear_clipped_sum_many(scratch, monkeypatch):
+    # float32 layers share one scaling launch (p <= d scales g, p > d scales a; strided
+    # inputs; accumulators absent, in place, strided); a bf16 layer takes the Triton kernel
+    monkeypatch.setattr(linear, "SCALE_SCRATCH_BYTES", scratch)
+    B = 3
+    c = torch.rand(B)
+    items = [(torch.randn(B, 63, 33), torch.randn(B, 63, 17)),
+             (torch.randn(B, 5, 9), torch.randn(B, 5, 40)),
+             (torch.randn(B, 70, 7).transpose(1, 2), torch.randn(B, 7, 12)),
+             (torch.randn(B, 4, 21).to(torch.bfloat16), torch.randn(B, 4, 34).to(torch.bfloat16)),
+             (torch.randn(B, 1, 6), torch.randn(B, 1, 5))]
+    accs = [None, torch.randn(40, 9), torch.randn(70, 12).t(), None, torch.randn(5, 6)]
+    keep = list(accs)
+    want64 = [ref_lin.linear_clipped_sum(a.double(), g.double(), c.double(),
+                                         acc.double() if acc is not None else None)
+              for (a, g), acc in zip(items, accs)]
+    want32 = [ref_lin.linear_clipped_sum(a.float(), g.float(), c,
+                                         acc.clone() if acc is not None else None)
+              for (a, g), acc in zip(items, accs)]
+    out = linear.linear_clipped_sum_many(items, c, accs)
+    for i, (o, w64, w32) in enumerate(zip(out, want64, want32)):
+        if keep[i] is not None:
+            assert o is keep[i]  # folded in place
+        if i == 3:  # bf16: hi + lo, ~2^-17 per element (test_linear_clipped_sum_16bit)
+            assert rel(o, w64) <= 2**-15
+        else:
+            check(o, w64, w32, f"layer {i}")
+    with pytest.raises(ValueError, match="2 inputs but 1"):
+        linear.linear_clipped_sum_many(items[:2], c, accs[:1])

@@ -10,6 +10,7 @@ of a micro-batch, so the engine applies it once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -102,6 +103,17 @@ class Use:
         """``(acc + sum_b c_b G_b + noise) * scale`` (``c`` already includes the loss scale)."""
         return op("dense_clipped_sum", self.raw_dense(op), c, acc, noise_std, seed, scale)
 
+    def group(self) -> tuple[str, tuple] | None:
+        """(grouped op, operands) when this use's clipped sum can be folded together with the
+        other uses of the step naming the same op: ``fold`` then calls ``op(name, [operands,
+        ...], c, [acc, ...])`` once for all of them instead of ``clipped_sum`` per use."""
+        return None
+
+    def norm_rows(self) -> torch.Tensor | None:
+        """[B, N] when ``raw_norm`` is the squared norm of these rows and costs a pass of its
+        own: the engine then computes all such norms of a backward in one grouped op."""
+        return None
+
 
 def cross_error(u: Use, v: Use, norm_u: torch.Tensor, norm_v: torch.Tensor) -> torch.Tensor | None:
     """[B] bound on the error of ``2 <G_b, G'_b>`` for two uses of one parameter: the cross
@@ -133,6 +145,13 @@ class DenseUse(Use):
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.psg
+
+    def group(self) -> tuple[str, tuple]:
+        return "rows_clipped_sum_many", (self.norm_rows().unsqueeze(1), self.psg.shape[1:])
+
+    def norm_rows(self) -> torch.Tensor:
+        B = self.psg.shape[0]
+        return self.psg.reshape(B, math.prod(self.psg.shape[1:]))  # explicit: B may be 0
 
 
 class LinearUse(Use):
@@ -175,6 +194,9 @@ class LinearUse(Use):
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         return op("linear_clipped_sum", self.a, self.g, c, acc, noise_std, seed, scale)
 
+    def group(self) -> tuple[str, tuple]:
+        return "linear_clipped_sum_many", (self.a, self.g)
+
 
 class BiasUse(Use):
     """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases).  ``norm``: its [B]
@@ -206,6 +228,9 @@ class BiasUse(Use):
 
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
         return op("linear_bias_clipped_sum", self.g, c, acc, noise_std, seed, scale)
+
+    def group(self) -> tuple[str, tuple]:
+        return "rows_clipped_sum_many", (self.g, self.g.shape[-1:])
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

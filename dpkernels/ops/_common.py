@@ -118,14 +118,30 @@ def tf32_allowed() -> bool:
     return bool(matmul.allow_tf32)
 
 
+# Kernels take the noise seed as a plain argument that Triton must not specialise: a 62-bit
+# seed divisible by 16 would otherwise compile a second variant mid-training.
+SEED_ARGS = ["seed"]
+
+
 def philox_seed(seed: int) -> int:
     """The engine's seeds are 62-bit; tl.randn takes any integer up to 64 bits and keys Philox
     with both 32-bit halves, so only the sign bit is dropped (keeps it a valid int64)."""
     return int(seed) & (2**63 - 1)
 
 
-@functools.cache
+# bench/trace_step.py sets this to size every grid for a card that is not there (an H200's
+# 132 SMs) while it records launches instead of making them.
+SM_COUNT: int | None = None
+
+
 def num_sms(device: torch.device) -> int:
+    if SM_COUNT is not None:
+        return SM_COUNT
+    return _device_sms(device)
+
+
+@functools.cache
+def _device_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few programs, enough to exercise the split paths

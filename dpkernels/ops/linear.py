@@ -17,6 +17,7 @@ import triton.language as tl
 from dpkernels.dispatch import register
 from dpkernels.ops._common import (
     INTERPRET,
+    SEED_ARGS,
     autotune,
     check_float,
     dot_precision,
@@ -224,19 +225,21 @@ def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
         triton.Config({"BLOCK_P": 128, "BLOCK_D": 128, "BLOCK_K": 64}, num_warps=8,
                       num_stages=3),
     ],
-    key=["R", "d", "p", "rows_per_split", "PRECISION"],
+    # Poisson batches change R every step: the key holds the split count and the rows per
+    # split rounded up to a power of two, so batch sizes share their tuning
+    key=["d", "p", "ROWS_BUCKET", "SPLIT", "PRECISION"],
     restore_value=["out_ptr"],
     # 128 x 128 x 64 in three stages is 192 KB of float32 operand tiles (sm_90 build with
     # triton 3.6: 164 KB and 5 KB of register spills with "ieee", 197 KB with "tf32x3"):
     # 16-bit operands only
     prune_configs_by={"early_config_prune": smem_prune("BLOCK_P", "BLOCK_D", "BLOCK_K", "a_ptr")},
 )
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _linear_clipped_sum_kernel(
     a_ptr, g_ptr, c_ptr, out_ptr, acc_ptr, part_ptr,
     R, T, d, p, rows_per_split,
     sab, sat, sak, sgb, sgt, sgk,
-    noise_std, seed, scale,
+    noise_std, seed, scale, ROWS_BUCKET, SPLIT,
     FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
     HILO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -285,6 +288,34 @@ def _linear_clipped_sum_kernel(
                      HAS_NOISE)
     else:
         tl.store(part_ptr + split * p * d + offs, acc, mask=mask)
+
+
+@triton.jit
+def _scale_rows_many_kernel(table_ptr, c_ptr, out_ptr, BLOCK_R: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """``out[off + r * K + k] = c_{r // T} x[r // T, r % T, k]`` in float32 for the tensor of
+    table row ``program_id(0)`` (x's address, strides, T, K, R = B * T, offset ``off`` in the
+    flat output); the programs along axis 1 stride over its [BLOCK_R, BLOCK_K] tiles."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 8
+    x_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    sxb = tl.load(row + 1)
+    sxt = tl.load(row + 2)
+    sxk = tl.load(row + 3)
+    T = tl.load(row + 4)
+    K = tl.load(row + 5)
+    R = tl.load(row + 6)
+    off = tl.load(row + 7)
+    n_k = tl.cdiv(K, BLOCK_K)
+    n_tiles = tl.cdiv(R, BLOCK_R) * n_k
+    for tile in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+        r = (tile // n_k) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # [BR]
+        k = (tile % n_k) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
+        mask = (r < R)[:, None] & (k < K)[None, :]
+        b = r // T
+        cb = tl.load(c_ptr + b, mask=r < R, other=0.0)  # [BR]
+        x = tl.load(x_ptr + b[:, None] * sxb + (r % T)[:, None] * sxt + k[None, :] * sxk,
+                    mask=mask, other=0.0)  # [BR, BK]
+        tl.store(out_ptr + off + r[:, None] * K + k[None, :], x * cb[:, None], mask=mask)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -445,9 +476,56 @@ def linear_bias_norm(g: torch.Tensor) -> torch.Tensor:
     return part.view(B, n_tiles).sum(1)
 
 
+def clipped_sum_path(dtype: torch.dtype) -> str:
+    """Which GEMM computes a clipped sum of ``dtype`` operands (the documented rule).
+
+    "gemm" (float32, TF32 not allowed: torch's default): rows of the narrower operand scaled
+    by c_b in one bandwidth-bound pass, then torch's GEMM (cuBLAS SGEMM on a GPU, exact
+    float32 like "ieee"), accumulating into ``acc`` in the GEMM itself.  Triton's "ieee"
+    tl.dot runs on FMA units with small tiles, at about half SGEMM's rate by bench/trace_step.py's
+    estimate.  "triton" otherwise: 16-bit operands (c_b g split hi + lo on tensor cores,
+    exact to ~2^-17, which a 16-bit cuBLAS GEMM of rounded c_b g is not) and float32 with
+    TF32 allowed ("tf32x3": float32-accurate on tensor cores, faster than SGEMM).
+    """
+    return "gemm" if dot_precision(dtype) == "ieee" else "triton"
+
+
+@torch.no_grad()  # a, g may be saved tensors that require grad; the sum is no graph node
+def _gemm_clipped_sum(a, g, c, out, acc_in, noise_std, seed, scale) -> None:
+    """``out = (acc_in + (c g)^T a + noise_std z) * scale`` with torch's GEMM (float32)."""
+    B, T, d = a.shape
+    p = g.shape[-1]
+    R = B * T
+    cb = c.view(B, 1, 1)
+    # c_b scales whole rows r = (b, t) of the product: scale the narrower operand
+    if p <= d:
+        g = g * cb
+    else:
+        a = a * cb
+    fold_scale = not noise_std and scale != 1.0
+    _gemm_into(out, acc_in, g.reshape(R, p), a.reshape(R, d), float(scale) if fold_scale else 1.0)
+    if noise_std:
+        finish(out, out, None, noise_std, seed, scale)
+
+
+def _gemm_into(out, acc_in, g2, a2, alpha: float = 1.0) -> None:
+    """``out = alpha * (acc_in + g2^T a2)`` (no acc_in: ``alpha * g2^T a2``) in the GEMM, in
+    place when ``acc_in`` is ``out``."""
+    out2 = out.view(g2.shape[1], a2.shape[1])
+    if acc_in is None:
+        torch.mm(g2.t(), a2, out=out2)
+        if alpha != 1.0:
+            out2.mul_(alpha)
+    elif acc_in is out:
+        out2.addmm_(g2.t(), a2, beta=alpha, alpha=alpha)
+    else:
+        torch.addmm(acc_in.view(out2.shape), g2.t(), a2, beta=alpha, alpha=alpha, out=out2)
+
+
 def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
-                split: int | None = None) -> torch.Tensor:
-    """linear_clipped_sum with the K split exposed (tests force it; None picks one)."""
+                split: int | None = None, path: str | None = None) -> torch.Tensor:
+    """linear_clipped_sum with the K split and the path exposed (tests force them; None
+    picks them: ``clipped_sum_path`` and a split that fills the SMs)."""
     _check("linear_clipped_sum", a, g)
     B, T, d = a.shape
     p = g.shape[-1]
@@ -458,6 +536,15 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
     a, g = same_dtype(a, g)
     c = c.to(device=device, dtype=torch.float32).contiguous()
     R = B * T
+    if path is None:
+        path = clipped_sum_path(a.dtype)
+    if path == "gemm":
+        if a.dtype != torch.float32:
+            a, g = a.float(), g.float()
+        _gemm_clipped_sum(a, g, c, out, acc_in, noise_std, seed, scale)
+        return hand_back(out, acc)
+    if path != "triton":
+        raise ValueError(f"path must be 'gemm', 'triton' or None, got {path!r}")
     if split is None:
         # Few output tiles and many rows: split the rows so that every SM has work.
         tiles = triton.cdiv(p, 128) * triton.cdiv(d, 128)
@@ -479,6 +566,7 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
         sab=a.stride(0), sat=a.stride(1), sak=a.stride(2),
         sgb=g.stride(0), sgt=g.stride(1), sgk=g.stride(2),
         noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
+        ROWS_BUCKET=triton.next_power_of_2(rows_per_split), SPLIT=split,
         FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
         HILO=a.dtype != torch.float32, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
     )
@@ -494,6 +582,76 @@ def linear_clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> t
     if use_reference(a, g, acc):
         return ref.linear_clipped_sum(a, g, c, acc, noise_std, seed, scale)
     return clipped_sum(a, g, c, acc, noise_std, seed, scale)
+
+
+# Scratch for the c_b-scaled operands of one grouped launch: layers are taken in chunks of at
+# most this many bytes, so the grouping never costs more memory than the largest layer does.
+SCALE_SCRATCH_BYTES = 64 * 2**20
+
+
+@register("linear_clipped_sum_many", "triton")
+def linear_clipped_sum_many(items: list[tuple], c, accs: list) -> list[torch.Tensor]:
+    """``linear_clipped_sum(a, g, c, acc)`` for every ``(a, g)`` of ``items``, no noise.  On the
+    "gemm" path (float32) one launch scales the narrower operand of every layer of a chunk
+    (at most SCALE_SCRATCH_BYTES of them) by c_b into one buffer, then each layer is one GEMM
+    into its accumulator; other layers run ``clipped_sum`` one by one."""
+    if len(items) != len(accs):
+        raise ValueError(f"linear_clipped_sum_many: {len(items)} inputs but {len(accs)} "
+                         "accumulators")
+    out: list = [None] * len(items)
+    chunk: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, a, g)
+    used = 0
+
+    def flush():
+        nonlocal used
+        if chunk:
+            _scaled_gemms(chunk, c, accs, out)
+        chunk.clear()
+        used = 0
+
+    for i, ((a, g), acc) in enumerate(zip(items, accs)):
+        if use_reference(a, g, acc):
+            out[i] = ref.linear_clipped_sum(a, g, c, acc)
+            continue
+        _check("linear_clipped_sum_many", a, g)
+        a, g = same_dtype(a, g)
+        if clipped_sum_path(a.dtype) != "gemm" or a.numel() == 0 or g.numel() == 0:
+            out[i] = clipped_sum(a, g, c, acc)
+            continue
+        size = a.shape[0] * a.shape[1] * min(a.shape[2], g.shape[2]) * 4
+        if used + size > SCALE_SCRATCH_BYTES:
+            flush()
+        chunk.append((i, a, g))
+        used += size
+    flush()
+    return out
+
+
+def _scaled_gemms(chunk, c, accs, out) -> None:
+    """The chunk's narrower operands scaled by c_b in one launch, then one GEMM per layer."""
+    device = chunk[0][1].device
+    c = c.to(device=device, dtype=torch.float32).contiguous()
+    rows, off = [], 0
+    for _, a, g in chunk:
+        x = g if g.shape[2] <= a.shape[2] else a
+        B, T, K = x.shape
+        rows.append([x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), T, K, B * T, off])
+        off += B * T * K
+    scaled = torch.empty(off, dtype=torch.float32, device=device)
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    BLOCK_R, BLOCK_K = 32, 128
+    widest = max(triton.cdiv(r[6], BLOCK_R) * triton.cdiv(r[5], BLOCK_K) for r in rows)
+    _scale_rows_many_kernel[(len(rows), max(1, min(widest, 4 * num_sms(device))))](
+        table_ptr=table, c_ptr=c, out_ptr=scaled, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+    )
+    with torch.no_grad():  # a, g may be saved tensors that require grad
+        for (i, a, g), r in zip(chunk, rows):
+            R, p, d = r[6], g.shape[2], a.shape[2]
+            xs = scaled[r[7]:r[7] + R * r[5]].view(R, r[5])
+            g2, a2 = (xs, a.reshape(R, d)) if p <= d else (g.reshape(R, p), xs)
+            o, acc_in = prepare_out(accs[i], (p, d), device)
+            _gemm_into(o, acc_in, g2, a2)
+            out[i] = hand_back(o, accs[i])
 
 
 @register("linear_bias_clipped_sum", "triton")

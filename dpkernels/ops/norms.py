@@ -43,12 +43,13 @@ MAX_GROUP_CHANNELS = 4096
 )
 @triton.jit
 def _row_norm_psg_kernel(
-    x_ptr, g_ptr, gw_ptr, gb_ptr, M, N, rows_per_split, n_splits, eps,
+    x_ptr, g_ptr, gw_ptr, gb_ptr, M, N, sos, rows_per_split, n_splits, eps,
     RMS: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Rows [split * rows_per_split, ...) of sample b; whole rows (N <= BLOCK_N) on chip.
-    Writes this split's partial ``sum_m g * x_hat`` / ``sum_m g`` at [b, split, :]."""
+    Writes this split's partial ``sum_m g * x_hat`` / ``sum_m g`` at ``(b * n_splits +
+    split) * sos`` (the outputs' split stride) of gw / gb."""
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -75,7 +76,7 @@ def _row_norm_psg_kernel(
             acc_w += y * xhat
         if NEED_B:
             acc_b += y
-    out = (b * n_splits + split) * N + cols
+    out = (b * n_splits + split) * sos + cols
     if NEED_W:
         tl.store(gw_ptr + out, tl.sum(acc_w, axis=0), mask=mn)
     if NEED_B:
@@ -161,21 +162,22 @@ def _row_norm_psg(x, g, normalized_shape, eps, rms, need_weight, need_bias, spli
         split = min(triton.cdiv(M, BLOCK_M), max(1, 2 * num_sms(device) // B), 64)
     rows_per_split = triton.cdiv(triton.cdiv(M, split), BLOCK_M) * BLOCK_M
     split = triton.cdiv(M, rows_per_split)
-    gw = torch.empty(B, split, N, dtype=torch.float32, device=device) if need_weight else None
-    gb = torch.empty(B, split, N, dtype=torch.float32, device=device) if need_bias else None
+    # gw and gb side by side in one buffer: one reduction over the splits folds both
+    both = torch.empty(B, split, need_weight + need_bias, N, dtype=torch.float32, device=device)
+    gw = both[:, :, 0] if need_weight else None
+    gb = both[:, :, -1] if need_bias else None
     _row_norm_psg_kernel[(B, split)](
         x_ptr=x3, g_ptr=g3, gw_ptr=gw if gw is not None else gb,
-        gb_ptr=gb if gb is not None else gw, M=M, N=N,
+        gb_ptr=gb if gb is not None else gw, M=M, N=N, sos=both.stride(1),
         rows_per_split=rows_per_split, n_splits=split, eps=float(eps),
         RMS=rms, NEED_W=need_weight, NEED_B=need_bias, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )
+    folded = both[:, 0] if split == 1 else both.sum(1)  # [B, 1 or 2, N]
 
-    def fold(t):
-        if t is None:
-            return None
-        return (t[:, 0] if split == 1 else t.sum(1)).reshape(shape)
+    def view(k):
+        return folded[:, k].reshape(shape)  # a view: folded[:, k] is [B, N] rows
 
-    return fold(gw), fold(gb)
+    return (view(0) if need_weight else None), (view(-1) if need_bias else None)
 
 
 def _check(name: str, x: torch.Tensor, g: torch.Tensor) -> None:

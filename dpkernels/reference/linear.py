@@ -85,6 +85,16 @@ def linear_clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> t
     return finish(acc, update, noise_std, seed, scale)
 
 
+@register("linear_clipped_sum_many", "reference")
+def linear_clipped_sum_many(items: list[tuple], c, accs: list) -> list[torch.Tensor]:
+    """``linear_clipped_sum(a, g, c, acc)`` for every ``(a, g)`` of ``items`` and its ``accs``
+    entry, no noise: the weight clipped sums of all Linear layers of a step."""
+    if len(items) != len(accs):
+        raise ValueError(f"linear_clipped_sum_many: {len(items)} inputs but {len(accs)} "
+                         "accumulators")
+    return [linear_clipped_sum(a, g, c, acc) for (a, g), acc in zip(items, accs)]
+
+
 @register("linear_bias_clipped_sum", "reference")
 def linear_bias_clipped_sum(g, c, acc=None, noise_std=0.0, seed=0, scale=1.0) -> torch.Tensor:
     """[p] ``(acc + sum_b c_b sum_t g_bt + noise_std z) * scale``."""
