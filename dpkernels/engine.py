@@ -24,7 +24,7 @@ from torch import nn
 
 from dpkernels import dispatch
 from dpkernels.layers import find_handler, refuse
-from dpkernels.layers.base import Use, cross, cross_error
+from dpkernels.layers.base import Use, cancellation_bounds, cross, cross_error
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -85,7 +85,8 @@ class Engine:
         self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
         self._norm_rows: list[torch.Tensor] = []  # [B, N] rows whose norms are not yet taken
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
-        self.err_sq: torch.Tensor | None = None
+        self._err_terms: list = []  # (S, kappa, T, norm_sq) per use: see err_sq
+        self._err_parts: list[torch.Tensor] = []  # cross-term bounds
         self.batch_size: int | None = None
         self.first_module: str | None = None
         # The micro-batch size of the forward pass in progress, from the first captured input
@@ -370,16 +371,16 @@ class Engine:
         parameter, and add their cancellation bounds to ``err_sq``."""
         own = use.raw_norm(self.op)
         contrib = own
-        err = use.norm_error(own)
+        terms = use.error_terms()
+        if terms is not None:  # bounded in one stacked pass, by err_sq
+            self._err_terms.append((*terms, own))
         use.norm_sq = own
         for u in earlier:
             contrib = contrib + 2.0 * cross(u, use, self.op)
             e = cross_error(u, use, u.norm_sq, own)
             if e is not None:
-                err = e if err is None else err + e
+                self._err_parts.append(e)
         self._norm_parts.append(contrib)  # summed once, by the norm_sq property
-        if err is not None:
-            self.err_sq = err if self.err_sq is None else self.err_sq + err.to(self.err_sq.dtype)
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -435,7 +436,7 @@ class Engine:
         self.factors = None
         self.uses = {}
         self.norm_sq = None
-        self.err_sq = None
+        self._err_terms, self._err_parts = [], []
         self.batch_size = None
         self.first_module = None
         self.bad_samples = None
@@ -471,6 +472,15 @@ class Engine:
     def norm_sq(self, value: torch.Tensor | None) -> None:
         self._norm_sq, self._norm_parts, self._norm_rows = value, [], []
 
+    def err_sq(self) -> torch.Tensor | None:
+        """[B] bound on the rounding error of ``norm_sq`` from cancellation (layers/base.py)."""
+        parts = list(self._err_parts)
+        if self._err_terms:
+            parts.append(cancellation_bounds(self._err_terms))
+        if not parts:
+            return None
+        return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
+
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
@@ -479,8 +489,9 @@ class Engine:
         self.last_norms = norms
         # an upper bound of the exact norm: the cancellation bound on the squared norm (layers/
         # base.py), then the relative margin for the remaining (cancellation-free) rounding
-        if self.err_sq is not None:
-            norm_sq = norm_sq + self.err_sq.detach().to(norm_sq.dtype)
+        err = self.err_sq()
+        if err is not None:
+            norm_sq = norm_sq + err.detach().to(norm_sq.dtype)
         bound = (norm_sq.sqrt() * self.loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype,
                                                                            2.0**-16))
         factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)

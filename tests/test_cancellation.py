@@ -99,6 +99,6 @@ def test_bound_costs_little_on_ordinary_data():
     x = torch.randn(8, 64, 128)
     model(x).square().mean().backward()
     eng = dp.engine
-    ratio = ((eng.norm_sq + eng.err_sq) / eng.norm_sq).sqrt()
+    ratio = ((eng.norm_sq + eng.err_sq()) / eng.norm_sq).sqrt()
     dp.step()
     assert float(ratio.max()) < 1.01, ratio

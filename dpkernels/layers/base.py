@@ -40,15 +40,23 @@ def unit_roundoff(t: torch.Tensor) -> float:
 # The engine adds these to the squared norms before clipping (DESIGN.md section 6).
 
 
-def gram_error(S: torch.Tensor, kappa: int) -> torch.Tensor:
-    """[B] bound on the error of a squared norm computed as a sum of signed pair products."""
-    return (kappa * unit_roundoff(S)) * S * S
-
-
-def sum_error(norm_sq: torch.Tensor, S: torch.Tensor, T: int) -> torch.Tensor:
-    """[B] bound on the error of ``|v|^2`` for ``v`` computed as a sum of T signed terms."""
-    e = ((T + 16) * unit_roundoff(S)) * S
-    return 2.0 * norm_sq.clamp_min(0).sqrt() * e + e * e
+def cancellation_bounds(terms: list) -> torch.Tensor:
+    """[B] summed error bounds of the squared norms for ``terms``: (S [B, G], kappa, T,
+    norm_sq [B]) per use, G groups each bounded on its own (a conv's per-group Linears).  One
+    stacked pass for all uses of a micro-batch; the larger of the ghost and sum forms, whichever
+    the op chose."""
+    S = torch.cat([t[0] for t in terms], 1)  # [B, sum G]
+    n = torch.cat([t[3].clamp_min(0).sqrt().unsqueeze(1).expand(-1, t[0].shape[1])
+                   for t in terms], 1)
+    u = unit_roundoff(S)
+    kappa = torch.tensor([float(t[1]) for t in terms for _ in range(t[0].shape[1])],
+                         dtype=S.dtype, device=S.device)
+    chain = torch.tensor([float(t[2] + 16) for t in terms for _ in range(t[0].shape[1])],
+                         dtype=S.dtype, device=S.device)
+    ghost = (kappa * u) * S * S
+    e = (chain * u) * S
+    direct = (2.0 * n + e) * e  # (n + e)^2 - n^2, each group's norm <= the use's norm
+    return torch.maximum(ghost, direct).sum(1)
 
 
 class Use:
@@ -84,11 +92,12 @@ class Use:
         return None
 
     def kappa(self) -> int:
-        """The ghost-form error constant (see ``gram_error``) for this use's shapes."""
+        """The ghost-form error constant (see ``cancellation_bounds``) for this use's shapes."""
         return 16
 
-    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
-        """[B] bound on ``| ||G_b||^2 - raw_norm |`` from cancellation, or None."""
+    def error_terms(self) -> tuple[torch.Tensor, int, int] | None:
+        """``(S [B, G], kappa, T)`` for the cancellation bound of this use's norm
+        (``cancellation_bounds``), or None when there is no cancellation to bound."""
         return None
 
     def raw_dense(self, op: Op) -> torch.Tensor:
@@ -169,18 +178,18 @@ class LinearUse(Use):
 
     def magnitude(self) -> torch.Tensor:
         dt = torch.promote_types(self.a.dtype, torch.float32)
-        return (self.a.to(dt).norm(dim=-1) * self.g.to(dt).norm(dim=-1)).sum(1)
+        na = torch.linalg.vector_norm(self.a, dim=-1, dtype=dt)  # [B, T]
+        ng = torch.linalg.vector_norm(self.g, dim=-1, dtype=dt)
+        return torch.bmm(na.unsqueeze(1), ng.unsqueeze(2)).view(-1)
 
     def kappa(self) -> int:
         return self.a.shape[-1] + self.g.shape[-1] + 2 * self.a.shape[1] + 16
 
-    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+    def error_terms(self):
         T = self.a.shape[1]
         if T <= 1:  # ||a||^2 ||g||^2: products of sums of squares, no cancellation
             return None
-        S = self.magnitude()
-        # whichever of ghost and direct the op chose: the larger bound holds for both
-        return torch.maximum(gram_error(S, self.kappa()), sum_error(norm_sq, S, T))
+        return self.magnitude().unsqueeze(1), self.kappa(), T
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.a.dtype, torch.float32)
@@ -211,17 +220,16 @@ class BiasUse(Use):
         return op("linear_bias_norm", self.g)
 
     def magnitude(self) -> torch.Tensor:
-        return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).norm(dim=-1).sum(1)
+        dt = torch.promote_types(self.g.dtype, torch.float32)
+        return torch.linalg.vector_norm(self.g, dim=-1, dtype=dt).sum(1)
 
     def kappa(self) -> int:
         return self.g.shape[-1] + 2 * self.g.shape[1] + 16
 
-    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+    def error_terms(self):
         if self.g.shape[1] <= 1:
             return None
-        S = self.magnitude()
-        return torch.maximum(gram_error(S, self.kappa()),
-                             sum_error(norm_sq, S, self.g.shape[1]))
+        return self.magnitude().unsqueeze(1), self.kappa(), self.g.shape[1]
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).sum(1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import LinearUse, Op, Use, gram_error, sum_error
+from dpkernels.layers.base import LinearUse, Op, Use
 
 
 class EmbeddingUse(Use):
@@ -31,17 +31,17 @@ class EmbeddingUse(Use):
 
     def magnitude(self) -> torch.Tensor:
         g = self.masked_g()
-        return g.to(torch.promote_types(g.dtype, torch.float32)).norm(dim=-1).sum(1)
+        dt = torch.promote_types(g.dtype, torch.float32)
+        return torch.linalg.vector_norm(g, dim=-1, dtype=dt).sum(1)
 
     def kappa(self) -> int:
         return self.g.shape[-1] + 2 * self.g.shape[1] + 16
 
-    def norm_error(self, norm_sq: torch.Tensor) -> torch.Tensor | None:
+    def error_terms(self):
         T = self.g.shape[1]
         if T <= 1:
             return None
-        S = self.magnitude()
-        return torch.maximum(gram_error(S, self.kappa()), sum_error(norm_sq, S, T))
+        return self.magnitude().unsqueeze(1), self.kappa(), T
 
     def masked_g(self) -> torch.Tensor:
         """``g`` with the padding positions zeroed (for ops that take no padding_idx)."""
