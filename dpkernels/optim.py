@@ -61,6 +61,8 @@ class DPOptimizer(torch.optim.Optimizer):
             seed = _broadcast_seed(seed, engine.params)
         self.seed = int(seed)
         self.steps = 0
+        # make_private(target_epsilon=...): the dpkernels.calibration.Calibration it made
+        self.calibration = None
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
         # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
@@ -403,7 +405,7 @@ def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    noise_multiplier: float = 1.0,
+    noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
     expected_batch_size: int | None = None,
     loss_reduction: str = "mean",
@@ -413,6 +415,11 @@ def make_private(
     mode: str = "fast",
     distributed: bool = False,
     multiple_forwards: bool = False,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    sample_rate: float | None = None,
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -435,18 +442,58 @@ def make_private(
     sums across processes (one all-reduce) and adds the noise once, from a seed shared by
     rank 0.  ``expected_batch_size`` is then the global one; feed each process its share of
     every logical Poisson batch (``PoissonBatchSampler(..., rank=, world_size=, seed=)``).
+
+    ``noise_multiplier`` (default 1.0), or ``target_epsilon`` with ``target_delta``,
+    ``sample_rate`` and ``epochs`` or ``steps``: the noise multiplier is then calibrated with
+    the PLD accountant so that the planned steps spend the budget (epsilon within 1e-3
+    relative of the target, from below); ``dp_opt.calibration`` says what was chosen.
+    ``sample_rate`` also becomes ``dp_opt.sample_rate`` for the epsilon report (a Poisson
+    loader given the optimizer overrides it).
     """
+    calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
+                             sample_rate)
+    if calibration is not None:
+        noise_multiplier = calibration.noise_multiplier
+    elif noise_multiplier is None:
+        noise_multiplier = 1.0
     engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                     backend=backend, norm_method=norm_method, mode=mode)
     engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
-        return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
-                           max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                           loss_reduction=loss_reduction, seed=seed, distributed=distributed)
+        dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
+                         max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                         loss_reduction=loss_reduction, seed=seed, distributed=distributed)
     except Exception:
         engine.detach()
         raise
+    dp.calibration = calibration
+    if sample_rate is not None:
+        dp.sample_rate = float(sample_rate)
+    return dp
+
+
+def _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate):
+    """make_private's target-epsilon arguments: checked, and the calibration if asked for."""
+    if target_epsilon is None:
+        extra = [k for k, v in (("target_delta", target_delta), ("epochs", epochs),
+                                ("steps", steps)) if v is not None]
+        if extra:
+            raise ValueError(f"make_private: {', '.join(extra)} only apply with "
+                             "target_epsilon= (calibrating the noise multiplier); pass "
+                             "target_epsilon too, or drop them")
+        if sample_rate is not None and not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        return None
+    if noise_multiplier is not None:
+        raise ValueError(
+            "make_private: pass either noise_multiplier= or target_epsilon= (which calibrates "
+            f"the noise multiplier), not both; got noise_multiplier={noise_multiplier!r} and "
+            f"target_epsilon={target_epsilon!r}"
+        )
+    from dpkernels.calibration import calibrate
+
+    return calibrate(target_epsilon, target_delta, sample_rate, epochs=epochs, steps=steps)
 
 
 def detach(model: nn.Module) -> None:
