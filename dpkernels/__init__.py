@@ -1,5 +1,6 @@
 """dpkernels: fused per-sample-gradient kernels and a one-backward DP-SGD engine."""
 
+from dpkernels import schedules
 from dpkernels.accounting import epsilon, epsilon_from_history, noise_multiplier_for
 from dpkernels.data import PoissonBatchSampler, micro_batches, poisson_loader, use_loader
 from dpkernels.layers import register_module_rule
@@ -19,5 +20,6 @@ __all__ = [
     "poisson_loader",
     "micro_batches",
     "use_loader",
+    "schedules",
     "__version__",
 ]
