@@ -115,6 +115,9 @@ class Engine:
         self.backward_done = False  # the pending micro-batch's backward pass has completed
         self.nonfinite_samples = 0  # samples dropped (c_b = 0) for a non-finite gradient
         self.bad_samples: torch.Tensor | None = None  # [B] bool, low-memory mode's sums pass
+        # called as hook(norms, factors) with every micro-batch's clip factors, once each
+        # (adaptive clipping counts the samples left unclipped by the C that clipped them)
+        self.factor_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -473,6 +476,8 @@ class Engine:
                 stacklevel=4,
             )
         self.last_factors = factors
+        for hook in self.factor_hooks:
+            hook(norms, factors)
         return factors
 
     def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,

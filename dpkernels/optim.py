@@ -63,6 +63,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps = 0
         # make_private(target_epsilon=...): the dpkernels.calibration.Calibration it made
         self.calibration = None
+        # make_private(adaptive_clipping=...): the dpkernels.adaptive.AdaptiveClipping
+        self.adaptive = None
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
         # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
@@ -200,6 +202,8 @@ class DPOptimizer(torch.optim.Optimizer):
         sums accumulated since the last ``step()``."""
         self.engine.clear_pending()
         self.engine.acc.clear()
+        if self.adaptive is not None:
+            self.adaptive.reset()
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` for either mode: in ``mode="low-memory"`` two passes (norms, then
@@ -227,7 +231,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        std = self.noise_multiplier * self.max_grad_norm
+        sigma = self.noise_multiplier
+        if self.adaptive is not None:  # the count's noise is part of sigma (adaptive.py)
+            sigma = self.adaptive.gradient_noise_multiplier(sigma)
+        std = sigma * self.max_grad_norm
         if self.loss_reduction == "mean" and self.expected_batch_size is None:
             raise ValueError("dpkernels: loss_reduction='mean' needs expected_batch_size")
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
@@ -241,6 +248,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_provenance()
         self.steps += 1
         self._log_step(self.sample_rate)
+        if self.adaptive is not None:
+            self.adaptive.after_step(self, step)  # C for the next step
         self.original_optimizer.step()
         return loss
 
@@ -420,6 +429,7 @@ def make_private(
     epochs: float | None = None,
     steps: int | None = None,
     sample_rate: float | None = None,
+    adaptive_clipping=None,
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -449,6 +459,11 @@ def make_private(
     relative of the target, from below); ``dp_opt.calibration`` says what was chosen.
     ``sample_rate`` also becomes ``dp_opt.sample_rate`` for the epsilon report (a Poisson
     loader given the optimizer overrides it).
+
+    ``adaptive_clipping=dpkernels.AdaptiveClipping(target_quantile=...)``: C follows that
+    quantile of the per-sample norms from the initial ``max_grad_norm`` (Andrew et al. 2021);
+    ``noise_multiplier`` is then the total noise multiplier, part of which pays for the noisy
+    unclipped count (dpkernels/adaptive.py).
     """
     calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
                              sample_rate)
@@ -468,6 +483,13 @@ def make_private(
         engine.detach()
         raise
     dp.calibration = calibration
+    if adaptive_clipping is not None:
+        try:
+            adaptive_clipping.attach(dp)
+        except Exception:
+            engine.detach()
+            raise
+        dp.adaptive = adaptive_clipping
     if sample_rate is not None:
         dp.sample_rate = float(sample_rate)
     return dp
