@@ -336,16 +336,7 @@ class Engine:
                 e = cross_error(u, use, u.norm_sq, own)
                 if e is not None:
                     err = e if err is None else err + e
-            if self.norm_sq is None:
-                self.norm_sq = torch.zeros(batch_size, dtype=contrib.dtype, device=contrib.device)
-            elif contrib.dtype != self.norm_sq.dtype:
-                dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
-                self.norm_sq = self.norm_sq.to(dt)
-            self.norm_sq += contrib.to(self.norm_sq.dtype)
-            if err is not None:
-                if self.err_sq is None:
-                    self.err_sq = torch.zeros_like(self.norm_sq)
-                self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
+            self.add_norm(p, contrib, err)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -377,6 +368,22 @@ class Engine:
         """The model's forward returned (a forward that raised does not count)."""
         if self.attached and not recomputing() and torch.is_grad_enabled():
             self.root_forwards += 1
+
+    def add_norm(self, p: nn.Parameter, contrib: torch.Tensor,
+                 err: torch.Tensor | None) -> None:
+        """Add one use's [B] squared-norm contribution of ``p`` (with its cross terms) and
+        the bound ``err`` on its cancellation error (None: exact form, no bound needed)."""
+        if self.norm_sq is None:
+            self.norm_sq = torch.zeros(contrib.shape[0], dtype=contrib.dtype,
+                                       device=contrib.device)
+        elif contrib.dtype != self.norm_sq.dtype:
+            dt = torch.promote_types(contrib.dtype, self.norm_sq.dtype)
+            self.norm_sq = self.norm_sq.to(dt)
+        self.norm_sq += contrib.to(self.norm_sq.dtype)
+        if err is not None:
+            if self.err_sq is None:
+                self.err_sq = torch.zeros_like(self.norm_sq)
+            self.err_sq = self.err_sq + err.to(self.err_sq.dtype)
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -448,15 +455,8 @@ class Engine:
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norm_sq = self.norm_sq.detach().clamp_min(0)
-        norms = norm_sq.sqrt() * self.loss_scale
+        norms, bound = norm_bound(self.norm_sq, self.err_sq, self.loss_scale)
         self.last_norms = norms
-        # an upper bound of the exact norm: the cancellation bound on the squared norm (layers/
-        # base.py), then the relative margin for the remaining (cancellation-free) rounding
-        if self.err_sq is not None:
-            norm_sq = norm_sq + self.err_sq.detach().to(norm_sq.dtype)
-        bound = (norm_sq.sqrt() * self.loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype,
-                                                                           2.0**-16))
         factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
         # A sample whose gradient is not finite (NaN/inf loss, overflow) gets c_b = 0: its
         # contribution then has norm 0 <= C, and its rows are zeroed before the clipped sums
@@ -578,6 +578,19 @@ class Engine:
 def recomputing() -> bool:
     """True inside a backward pass (where only activation checkpointing runs forwards)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def norm_bound(norm_sq: torch.Tensor, err_sq: torch.Tensor | None,
+               loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] norms from raw squared norms, and an upper bound of the exact norms for the clip
+    factors: the cancellation bound on the squared norm (layers/base.py), then the relative
+    margin for the remaining (cancellation-free) rounding."""
+    norm_sq = norm_sq.detach().clamp_min(0)
+    norms = norm_sq.sqrt() * loss_scale
+    if err_sq is not None:
+        norm_sq = norm_sq + err_sq.detach().to(norm_sq.dtype)
+    bound = (norm_sq.sqrt() * loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype, 2.0**-16))
+    return norms, bound
 
 
 def _splitmix64(x: int) -> int:

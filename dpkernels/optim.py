@@ -430,6 +430,7 @@ def make_private(
     steps: int | None = None,
     sample_rate: float | None = None,
     adaptive_clipping=None,
+    clipping: str = "flat",
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -464,6 +465,12 @@ def make_private(
     quantile of the per-sample norms from the initial ``max_grad_norm`` (Andrew et al. 2021);
     ``noise_multiplier`` is then the total noise multiplier, part of which pays for the noisy
     unclipped count (dpkernels/adaptive.py).
+
+    ``clipping="per_layer"`` with ``max_grad_norm=[C_1, ..., C_K]`` (one bound per trainable
+    parameter, in ``model.named_parameters()`` order) or ``{parameter or module name: C_k}``
+    (groups): each group is clipped to its own bound, the noise std is
+    ``noise_multiplier * sqrt(sum C_k^2)``, and each group's clipped sum is formed in the
+    backward as soon as its norms are complete, its backprops dropped (dpkernels/per_layer.py).
     """
     calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
                              sample_rate)
@@ -471,13 +478,15 @@ def make_private(
         noise_multiplier = calibration.noise_multiplier
     elif noise_multiplier is None:
         noise_multiplier = 1.0
-    engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                    backend=backend, norm_method=norm_method, mode=mode)
+    engine_cls = _engine_class(clipping, max_grad_norm, distributed)
+    engine = engine_cls(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                        backend=backend, norm_method=norm_method, mode=mode)
     engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
-                         max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                         max_grad_norm=engine.max_grad_norm,
+                         expected_batch_size=expected_batch_size,
                          loss_reduction=loss_reduction, seed=seed, distributed=distributed)
     except Exception:
         engine.detach()
@@ -493,6 +502,22 @@ def make_private(
     if sample_rate is not None:
         dp.sample_rate = float(sample_rate)
     return dp
+
+
+def _engine_class(clipping, max_grad_norm, distributed):
+    if clipping == "flat":
+        if isinstance(max_grad_norm, (list, tuple, dict)):
+            raise ValueError("make_private: a list or mapping of max_grad_norm bounds needs "
+                             "clipping='per_layer'")
+        return Engine
+    if clipping == "per_layer":
+        if distributed:
+            raise ValueError("make_private: clipping='per_layer' with distributed=True is not "
+                             "supported yet; use clipping='flat'")
+        from dpkernels.per_layer import PerLayerEngine
+
+        return PerLayerEngine
+    raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
 
 
 def _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate):
