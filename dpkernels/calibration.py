@@ -99,5 +99,5 @@ def calibrate(target_epsilon, target_delta, sample_rate, *, epochs=None, steps=N
         )
     cal = Calibration(sigma, target, eps, float(target_delta), q, n, accountant,
                       time.perf_counter() - t0)
-    logger.info("dpkernels: %s", cal)
+    logger.info("%s", cal)
     return cal
