@@ -274,3 +274,24 @@ def test_use_after_its_group_was_clipped_raises():
     late = BiasUse(torch.ones(8, 1, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="'2.bias' after its group was clipped"):
         dp.engine.record("2", 8, [(m[2].bias, late)])
+
+
+@pytest.mark.parametrize("dtype, k", [(torch.float32, 11), (torch.float64, 30)],
+                         ids=["f32-2^11", "f64-2^30"])
+def test_group_bound_includes_the_cancellation_bound(dtype, k):
+    """tests/test_cancellation.py's crafted inputs ([v, -v + e], |v| ~ 2^k: the ghost norm
+    cancels to ~0) in a per-layer group: its release stays within C_k."""
+    from test_cancellation import crafted
+
+    worst = 0.0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(32, 24, bias=False), nn.Linear(24, 3)).to(dtype)
+        dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0),
+                                    noise_multiplier=0.0, max_grad_norm=[1.0, 1.0, 1.0],
+                                    clipping="per_layer", loss_reduction="sum", seed=0,
+                                    norm_method="ghost", backend="reference")
+        m(crafted(32, k, dtype, seed)[None]).sum().backward()
+        dp.step()
+        worst = max(worst, m[0].weight.grad.double().norm().item())
+    assert worst <= 1.0 * (1 + 1e-6), worst
