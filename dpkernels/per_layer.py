@@ -12,9 +12,11 @@ forms the group's clipped sum right there and drops its kept activations and bac
 the backward holds no more than non-private training does (one clipped-sum buffer per
 parameter, the size of ``param.grad``).  A parameter used more than once (tied weights, a
 block applied twice) waits for its last use: the engine counts the forward calls of the
-modules that own it and folds when as many uses have arrived.  A use that would arrive after
-its group was folded (a rule that records without a counted forward) raises instead of
-clipping with a partial norm.
+modules that own it and folds when as many uses have arrived.  Groups with a parameter on
+the op-capture path or under a user-registered rule (several records per forward call, or
+an unknown number) are clipped at ``step()``/``accumulate()`` instead, as in the flat mode.
+A use that would arrive after its group was folded raises instead of clipping with a
+partial norm.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ import torch
 from torch import nn
 
 from dpkernels.engine import Engine, norm_bound
+from dpkernels.layers import conv, embedding, generic, linear, norms
 from dpkernels.layers.base import Use
+
+# Handlers whose backward records each of their parameters exactly once per counted forward
+# call.  Op-level capture records once per captured op (a module may use its parameter in
+# several) and user rules are unknown: their groups are folded at step(), not in the backward.
+_ONE_RECORD_PER_CALL = {id(h) for h in (linear.HANDLER, *conv.HANDLERS, *embedding.HANDLERS,
+                                        *norms.HANDLERS, generic.HANDLER,
+                                        generic.WHOLE_MODULE)}
 
 
 class FoldedUse(Use):
@@ -152,11 +162,16 @@ class PerLayerEngine(Engine):
         self.group_of = {p: k for k, ps in enumerate(groups) for p in ps}
         # the captured modules whose forward calls are uses of each parameter
         self.owner_names: dict[nn.Parameter, list[str]] = {}
+        deferred: set[nn.Parameter] = set()
         for module, (name, _) in self._patched.items():
             handler = module.__dict__["forward"].handler
             whole = getattr(handler, "whole_module", False)
             for p in (module.parameters() if whole else module.parameters(recurse=False)):
                 self.owner_names.setdefault(p, []).append(name)
+                if id(handler) not in _ONE_RECORD_PER_CALL:
+                    deferred.add(p)
+        # groups clipped only at step(): their use count per forward is not known
+        self.deferred_groups = {k for k, ps in enumerate(groups) if deferred.intersection(ps)}
 
     def _reset_groups(self) -> None:
         self.group_norm_sq: dict[int, torch.Tensor] = {}
@@ -214,6 +229,8 @@ class PerLayerEngine(Engine):
                 store[k] = acc.to(dt) + value.to(dt)
 
     def _complete(self, k: int) -> bool:
+        if k in self.deferred_groups:
+            return False
         for p in self.group_params[k]:
             expected = sum(self.calls.get(n, 0) for n in self.owner_names.get(p, ()))
             if self.seen.get(p, 0) < expected:
