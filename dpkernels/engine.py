@@ -118,6 +118,9 @@ class Engine:
         self.backward_done = False  # the pending micro-batch's backward pass has completed
         self.nonfinite_samples = 0  # samples dropped (c_b = 0) for a non-finite gradient
         self.bad_samples: torch.Tensor | None = None  # [B] bool, low-memory mode's sums pass
+        # called as hook(norms, factors) with every micro-batch's clip factors, once each
+        # (adaptive clipping counts the samples left unclipped by the C that clipped them)
+        self.factor_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -329,11 +332,12 @@ class Engine:
             earlier = self.uses.setdefault(p, [])
             # a term used once whose norm is a plain sum of squares of materialised rows (no
             # cancellation bound, no cross term to come): all of them in one op, in norm_sq
-            rows = None if (earlier or reused or p in self.shared) else use.norm_rows()
+            rows = (None if (earlier or reused or p in self.shared
+                                  or not self.defer_norm_rows) else use.norm_rows())
             if rows is not None:
                 self._norm_rows.append(rows)
             else:
-                self._add_norm(use, earlier)
+                self._add_norm(p, use, earlier)
             if self.phase != "norms" or reused or p in self.shared:
                 earlier.append(use)
 
@@ -366,21 +370,33 @@ class Engine:
         if self.attached and not recomputing() and torch.is_grad_enabled():
             self.root_forwards += 1
 
-    def _add_norm(self, use: Use, earlier: list[Use]) -> None:
-        """Append ``use``'s squared norm and its cross terms with the ``earlier`` uses of its
-        parameter, and add their cancellation bounds to ``err_sq``."""
+    # PerLayerEngine needs every use's norm through add_norm (its groups' norms)
+    defer_norm_rows = True
+
+    def _add_norm(self, p: nn.Parameter, use: Use, earlier: list[Use]) -> None:
+        """``use``'s squared norm and its cross terms with the ``earlier`` uses of ``p``, with
+        what bounds their cancellation error, handed to ``add_norm``."""
         own = use.raw_norm(self.op)
         contrib = own
         terms = use.error_terms()
-        if terms is not None:  # bounded in one stacked pass, by err_sq
-            self._err_terms.append((*terms, own))
         use.norm_sq = own
+        cross_err = None
         for u in earlier:
             contrib = contrib + 2.0 * cross(u, use, self.op)
             e = cross_error(u, use, u.norm_sq, own)
             if e is not None:
-                self._err_parts.append(e)
+                cross_err = e if cross_err is None else cross_err + e
+        self.add_norm(p, contrib, None if terms is None else (*terms, own), cross_err)
+
+    def add_norm(self, p: nn.Parameter, contrib: torch.Tensor, terms: tuple | None,
+                 cross_err: torch.Tensor | None) -> None:
+        """Add one use's [B] squared-norm contribution to ``p`` (with its cross terms); its
+        cancellation bound's ``terms`` (``cancellation_bounds``) and cross terms' bound."""
         self._norm_parts.append(contrib)  # summed once, by the norm_sq property
+        if terms is not None:  # bounded in one stacked pass, by err_sq
+            self._err_terms.append(terms)
+        if cross_err is not None:
+            self._err_parts.append(cross_err)
 
     def _on_backward_done(self) -> None:
         self.backward_done = True
@@ -484,16 +500,8 @@ class Engine:
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norm_sq = self.norm_sq.detach().clamp_min(0)
-        norms = norm_sq.sqrt() * self.loss_scale
+        norms, bound = norm_bound(self.norm_sq, self.err_sq(), self.loss_scale)
         self.last_norms = norms
-        # an upper bound of the exact norm: the cancellation bound on the squared norm (layers/
-        # base.py), then the relative margin for the remaining (cancellation-free) rounding
-        err = self.err_sq()
-        if err is not None:
-            norm_sq = norm_sq + err.detach().to(norm_sq.dtype)
-        bound = (norm_sq.sqrt() * self.loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype,
-                                                                           2.0**-16))
         factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
         # A sample whose gradient is not finite (NaN/inf loss, overflow) gets c_b = 0: its
         # contribution then has norm 0 <= C, and its rows are zeroed before the clipped sums
@@ -513,6 +521,8 @@ class Engine:
                 stacklevel=4,
             )
         self.last_factors = factors
+        for hook in self.factor_hooks:
+            hook(norms, factors)
         return factors
 
     def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,
@@ -632,6 +642,19 @@ class Engine:
 def recomputing() -> bool:
     """True inside a backward pass (where only activation checkpointing runs forwards)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def norm_bound(norm_sq: torch.Tensor, err_sq: torch.Tensor | None,
+               loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] norms from raw squared norms, and an upper bound of the exact norms for the clip
+    factors: the cancellation bound on the squared norm (layers/base.py), then the relative
+    margin for the remaining (cancellation-free) rounding."""
+    norm_sq = norm_sq.detach().clamp_min(0)
+    norms = norm_sq.sqrt() * loss_scale
+    if err_sq is not None:
+        norm_sq = norm_sq + err_sq.detach().to(norm_sq.dtype)
+    bound = (norm_sq.sqrt() * loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype, 2.0**-16))
+    return norms, bound
 
 
 def _splitmix64(x: int) -> int:

@@ -66,6 +66,10 @@ class DPOptimizer(torch.optim.Optimizer):
             seed = _broadcast_seed(seed, engine.params)
         self.seed = int(seed)
         self.steps = 0
+        # make_private(target_epsilon=...): the dpkernels.calibration.Calibration it made
+        self.calibration = None
+        # make_private(adaptive_clipping=...): the dpkernels.adaptive.AdaptiveClipping
+        self.adaptive = None
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
         # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
@@ -203,6 +207,8 @@ class DPOptimizer(torch.optim.Optimizer):
         sums accumulated since the last ``step()``."""
         self.engine.clear_pending()
         self.engine.acc.clear()
+        if self.adaptive is not None:
+            self.adaptive.reset()
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` for either mode: in ``mode="low-memory"`` two passes (norms, then
@@ -230,7 +236,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        std = self.noise_multiplier * self.max_grad_norm
+        sigma = self.noise_multiplier
+        if self.adaptive is not None:  # the count's noise is part of sigma (adaptive.py)
+            sigma = self.adaptive.gradient_noise_multiplier(sigma)
+        std = sigma * self.max_grad_norm
         if self.loss_reduction == "mean" and self.expected_batch_size is None:
             raise ValueError("dpkernels: loss_reduction='mean' needs expected_batch_size")
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
@@ -244,6 +253,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_provenance()
         self.steps += 1
         self._log_step(self.sample_rate)
+        if self.adaptive is not None:
+            self.adaptive.after_step(self, step)  # C for the next step
         self.original_optimizer.step()
         return loss
 
@@ -430,7 +441,7 @@ def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    noise_multiplier: float = 1.0,
+    noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
     expected_batch_size: int | None = None,
     loss_reduction: str = "mean",
@@ -440,6 +451,13 @@ def make_private(
     mode: str = "fast",
     distributed: bool = False,
     multiple_forwards: bool = False,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    sample_rate: float | None = None,
+    adaptive_clipping=None,
+    clipping: str = "flat",
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -462,18 +480,94 @@ def make_private(
     sums across processes (one all-reduce) and adds the noise once, from a seed shared by
     rank 0.  ``expected_batch_size`` is then the global one; feed each process its share of
     every logical Poisson batch (``PoissonBatchSampler(..., rank=, world_size=, seed=)``).
+
+    ``noise_multiplier`` (default 1.0), or ``target_epsilon`` with ``target_delta``,
+    ``sample_rate`` and ``epochs`` or ``steps``: the noise multiplier is then calibrated with
+    the PLD accountant so that the planned steps spend the budget (epsilon within 1e-3
+    relative of the target, from below); ``dp_opt.calibration`` says what was chosen.
+    ``sample_rate`` also becomes ``dp_opt.sample_rate`` for the epsilon report (a Poisson
+    loader given the optimizer overrides it).
+
+    ``adaptive_clipping=dpkernels.AdaptiveClipping(target_quantile=...)``: C follows that
+    quantile of the per-sample norms from the initial ``max_grad_norm`` (Andrew et al. 2021);
+    ``noise_multiplier`` is then the total noise multiplier, part of which pays for the noisy
+    unclipped count (dpkernels/adaptive.py).
+
+    ``clipping="per_layer"`` with ``max_grad_norm=[C_1, ..., C_K]`` (one bound per trainable
+    parameter, in ``model.named_parameters()`` order) or ``{parameter or module name: C_k}``
+    (groups): each group is clipped to its own bound, the noise std is
+    ``noise_multiplier * sqrt(sum C_k^2)``, and each group's clipped sum is formed in the
+    backward as soon as its norms are complete, its backprops dropped (dpkernels/per_layer.py).
     """
-    engine = Engine(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                    backend=backend, norm_method=norm_method, mode=mode)
+    calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
+                             sample_rate)
+    if calibration is not None:
+        noise_multiplier = calibration.noise_multiplier
+    elif noise_multiplier is None:
+        noise_multiplier = 1.0
+    engine_cls = _engine_class(clipping, max_grad_norm, distributed)
+    engine = engine_cls(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                        backend=backend, norm_method=norm_method, mode=mode)
     engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
-        return DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
-                           max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                           loss_reduction=loss_reduction, seed=seed, distributed=distributed)
+        dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
+                         max_grad_norm=engine.max_grad_norm,
+                         expected_batch_size=expected_batch_size,
+                         loss_reduction=loss_reduction, seed=seed, distributed=distributed)
     except Exception:
         engine.detach()
         raise
+    dp.calibration = calibration
+    if adaptive_clipping is not None:
+        try:
+            adaptive_clipping.attach(dp)
+        except Exception:
+            engine.detach()
+            raise
+        dp.adaptive = adaptive_clipping
+    if sample_rate is not None:
+        dp.sample_rate = float(sample_rate)
+    return dp
+
+
+def _engine_class(clipping, max_grad_norm, distributed):
+    if clipping == "flat":
+        if isinstance(max_grad_norm, (list, tuple, dict)):
+            raise ValueError("make_private: a list or mapping of max_grad_norm bounds needs "
+                             "clipping='per_layer'")
+        return Engine
+    if clipping == "per_layer":
+        if distributed:
+            raise ValueError("make_private: clipping='per_layer' with distributed=True is not "
+                             "supported yet; use clipping='flat'")
+        from dpkernels.per_layer import PerLayerEngine
+
+        return PerLayerEngine
+    raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+
+
+def _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate):
+    """make_private's target-epsilon arguments: checked, and the calibration if asked for."""
+    if target_epsilon is None:
+        extra = [k for k, v in (("target_delta", target_delta), ("epochs", epochs),
+                                ("steps", steps)) if v is not None]
+        if extra:
+            raise ValueError(f"make_private: {', '.join(extra)} only apply with "
+                             "target_epsilon= (calibrating the noise multiplier); pass "
+                             "target_epsilon too, or drop them")
+        if sample_rate is not None and not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        return None
+    if noise_multiplier is not None:
+        raise ValueError(
+            "make_private: pass either noise_multiplier= or target_epsilon= (which calibrates "
+            f"the noise multiplier), not both; got noise_multiplier={noise_multiplier!r} and "
+            f"target_epsilon={target_epsilon!r}"
+        )
+    from dpkernels.calibration import calibrate
+
+    return calibrate(target_epsilon, target_delta, sample_rate, epochs=epochs, steps=steps)
 
 
 def detach(model: nn.Module) -> None:
