@@ -57,7 +57,8 @@ class ConvUse(Use):
     def grouped_backprops(self) -> torch.Tensor:
         B, C_out = self.g.shape[:2]
         G = self.conf[3]
-        return self.g.reshape(B, G, C_out // G, -1).transpose(2, 3)  # [B, G, T, p]
+        T = math.prod(self.g.shape[2:])  # explicit: B = 0 makes -1 ambiguous
+        return self.g.reshape(B, G, C_out // G, T).transpose(2, 3)  # [B, G, T, p]
 
     def raw_norm(self, op: Op) -> torch.Tensor:
         return op("conv_norm", self.x, self.g, self.weight_shape, *self.conf, self.method)
@@ -170,7 +171,9 @@ class ConvHandler:
             if w.requires_grad:
                 uses.append((w, ConvUse(x_saved, g, w.shape, conf, engine.norm_method)))
             if b is not None and b.requires_grad:
-                uses.append((b, BiasUse(g.reshape(B, g.shape[1], -1).transpose(1, 2))))
+                # explicit T: an empty batch makes -1 ambiguous
+                T = math.prod(g.shape[2:])
+                uses.append((b, BiasUse(g.reshape(B, g.shape[1], T).transpose(1, 2))))
             engine.record(name, B, uses)
 
         dt, (xc, wc, bc) = cast_for_autocast(x, w, b)
