@@ -119,8 +119,8 @@ def refuse(module: nn.Module, name: str) -> None:
             f"dpkernels: {name} ({kind}) has parametrized tensors ({tensors}, e.g. "
             "nn.utils.parametrizations.weight_norm); per-sample gradients of their original "
             "parameters are not supported. Remove the parametrization before make_private "
-            f"(nn.utils.parametrize.remove_parametrizations({name.split('.')[-1]}, "
-            f"{tensors.split(', ')[0]!r})) or freeze its parameters"
+            f"(nn.utils.parametrize.remove_parametrizations(module, {tensors.split(', ')[0]!r}) "
+            f"on {name}) or freeze its parameters"
         )
     legacy = [h for h in module._forward_pre_hooks.values() if isinstance(h, _LEGACY_REPARAM)]
     if trainable and legacy:
@@ -132,7 +132,7 @@ def refuse(module: nn.Module, name: str) -> None:
             f"dpkernels: {name} ({kind}) uses the legacy {type(legacy[0]).__name__} hook on "
             f"{legacy[0].name!r}, which recomputes that weight outside the module's forward, "
             "so its parameters would get no per-sample gradient; remove it before "
-            f"make_private ({fix}({name.split('.')[-1]})) or freeze its parameters"
+            f"make_private ({fix}(module) on {name}) or freeze its parameters"
         )
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise ValueError(
