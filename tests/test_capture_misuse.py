@@ -79,22 +79,58 @@ class TwoOutputs(nn.Module):
         return x * self.w, (x * self.w).sin() * 2
 
 
+class Derived(nn.Module):
+    """Outputs derived from one another inside the module, and one returned twice: each
+    returned tensor's gradient must count once."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        y = x * self.w
+        return y, y[:, :1], y, y.cos()
+
+
 def test_dict_and_tuple_outputs_exact():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.d, self.t, self.head = DictOut(), TwoOutputs(), nn.Linear(6, 2)
+            self.derived = Derived()
 
         def forward(self, x):
             o = self.d(x)
             a, b = self.t(o["a"] + o["nested"][0])
-            return self.head(a * b)
+            y, first, again, z = self.derived(a * b)
+            assert again is y
+            z += 1  # in place on a returned tensor
+            return self.head(y * first.exp() + again.sin() + z)
 
     model = Net().to(F64)
     x = torch.randn(6, 6, dtype=F64)
     y = torch.randn(6, 2, dtype=F64)
     with pytest.warns(UserWarning, match="generic"):
         check_engine(model, mse, x, y)
+
+
+def test_in_place_on_view_of_another_output_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.derived = Derived()
+
+        def forward(self, x):
+            y, first, _, _ = self.derived(x)
+            first.mul_(2)  # would change y too, were the outputs not copies
+            return (y * first).sum(1)
+
+    model = Net()
+    with pytest.warns(UserWarning):
+        private(model)
+    with pytest.raises(RuntimeError, match=r"derived \(Derived\).*modified in place"):
+        model(torch.randn(3, 6)).sum().backward()
+    dpkernels.detach(model)
 
 
 def test_output_object_pytree_cannot_open_refused():
@@ -248,7 +284,8 @@ def test_parametrized_weight_norm_refused():
     """Before: crashed at forward ("got no batched tensor input")."""
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.Tanh(),
                           nn.Linear(3, 2))
-    with pytest.raises(ValueError, match=r"0 \(ParametrizedLinear\).*parametrized.*remove_parametrizations"):
+    with pytest.raises(ValueError,
+                       match=r"0 \(ParametrizedLinear\).*parametrized.*remove_parametrizations"):
         private(model)
 
 

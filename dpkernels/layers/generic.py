@@ -93,7 +93,7 @@ class GenericHandler:
                 f"({watch.op}: dropout, drop-path, noise) that the re-run cannot replay; make "
                 "it deterministic in training (p=0 / drop_path_rate=0) or freeze its parameters"
             )
-        leaves, _ = tree_flatten(out)
+        leaves, out_spec = tree_flatten(out)
         odd = sorted({type(t).__name__ for t in leaves if not isinstance(t, _LEAF_TYPES)})
         if odd:
             # Tensors hidden in an object that pytree cannot open would get no per-sample
@@ -103,7 +103,16 @@ class GenericHandler:
                 f"{', '.join(odd)}, which it cannot look into; return tensors (in tuples, "
                 "lists or dicts), or freeze its parameters"
             )
-        live = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        # One entry per distinct differentiable tensor (a tensor returned twice is one
+        # output, captured once, and stays one tensor for the caller).
+        live, where = [], []
+        for i, t in enumerate(leaves):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                j = next((k for k, u in enumerate(live) if leaves[u] is t), None)
+                if j is None:
+                    live.append(i)
+                    j = len(live) - 1
+                where.append((i, j))
         if not live:
             return out
         flat = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
@@ -111,19 +120,54 @@ class GenericHandler:
         autocast = _autocast_state(flat)
         run = _Runner(engine, module, orig, params, flat, spec, live)
         plan = run.find_batching([leaves[i].detach() for i in live], name, kind)
-        if plan is None:  # empty batch
-            def hook(grads):
+
+        def hook(grads):
+            if plan is None:  # empty batch
                 engine.record(name, 0, [(p, DenseUse(p.new_zeros((0, *p.shape))))
                                         for p in own.values()])
-        else:
-            def hook(grads):
-                with autocast:
-                    psg = run.per_sample_grads(plan, grads, [leaves[i] for i in live])
-                engine.record(name, plan.B, [(own[n], DenseUse(psg[n])) for n in own])
+                return
+            with autocast:
+                psg = run.per_sample_grads(plan, grads)
+            engine.record(name, plan.B, [(own[n], DenseUse(psg[n])) for n in own])
 
-        torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in live], hook,
-                                                      mode="all")
-        return out
+        ptrs = [leaves[i].untyped_storage().data_ptr() if leaves[i].numel() else -k - 1
+                for k, i in enumerate(live)]
+        aliased = tuple(ptrs.count(ptr) > 1 for ptr in ptrs)
+        modified = (
+            f"dpkernels: an output of {name} ({kind}) that is a view of another of its outputs "
+            "was modified in place; the generic fallback returns its outputs as separate "
+            "copies, so the other one did not change. Modify a copy (out = out * 2) instead"
+        )
+        captured = _Capture.apply(hook, modified, aliased, *(leaves[i] for i in live))
+        for i, j in where:
+            leaves[i] = captured[j]
+        return tree_unflatten(leaves, out_spec)
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on the module's differentiable outputs whose backward hands ``hook`` their
+    gradients, all at once (zeros for unused ones).  The gradients are those of the returned
+    tensors only: a hook on the outputs themselves would also see what flows into one output
+    from another derived from it inside the module (``return y, y[:, 0]``) and count it twice.
+    Copies, so that the caller may modify them in place (outputs that are views of one
+    another become separate copies; ``hook`` refuses if one of those is modified in place)."""
+
+    @staticmethod
+    def forward(ctx, hook, modified, aliased, *outs):
+        ctx.hook, ctx.modified = hook, modified
+        copies = tuple(o.clone() for o in outs)
+        # saved only so that autograd's version check sees in-place changes to them
+        ctx.save_for_backward(*(c for c, a in zip(copies, aliased) if a))
+        return copies
+
+    @staticmethod
+    def backward(ctx, *grads):
+        try:
+            _ = ctx.saved_tensors  # raises if one was modified in place
+        except RuntimeError as e:
+            raise RuntimeError(ctx.modified) from e
+        ctx.hook(grads)
+        return (None, None, None, *grads)
 
 
 class _Plan:
@@ -206,10 +250,9 @@ class _Runner:
             f"dimension{why}. Give it a fused rule, restructure it, or freeze its parameters"
         )
 
-    def per_sample_grads(self, plan: _Plan, grads, real) -> dict[str, torch.Tensor]:
+    def per_sample_grads(self, plan: _Plan, grads) -> dict[str, torch.Tensor]:
         cots = []
-        for g, r, d in zip(grads, real, plan.out_dims):
-            g = torch.zeros_like(r) if g is None else g
+        for g, d in zip(grads, plan.out_dims):
             cots.append(g.detach().movedim(d, 0))
 
         def one(vals, *cot):
