@@ -186,6 +186,33 @@ def test_shared_table_with_T_equal_B_exact():
         check_engine(model, mse, x, y)
 
 
+def test_shared_table_passed_first_exact():
+    """The batch is not the first input's first dimension: other sizes are tried."""
+
+    class TableFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+
+        def forward(self, table, x):
+            return torch.tanh(x + table) * self.w
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add = TableFirst()
+            self.register_buffer("table", torch.randn(5, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.add(self.table, x))
+
+    model = Net().to(F64)
+    x = torch.randn(4, 5, 3, dtype=F64)
+    with pytest.warns(UserWarning, match="generic"):
+        check_engine(model, mse, x, torch.randn(4, 5, 2, dtype=F64))
+
+
 class CausalAttn(nn.Module):
     """nn.MultiheadAttention called the default way (need_weights=True) with a [T, T] mask;
     the head reads the averaged attention weights too."""

@@ -21,6 +21,8 @@ Soundness, because a wrong guess here would be a silently wrong gradient:
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import itertools
 
 import torch
@@ -40,7 +42,9 @@ _REPRODUCE_RTOL = {torch.float64: 1e-10, torch.float32: 2.0**-8, torch.bfloat16:
 # Assignments of batched / shared inputs tried at most (subsets of the ambiguous inputs).
 _MAX_TRIALS = 32
 
-_LEAF_TYPES = (torch.Tensor, int, float, bool, str, complex, type(None))
+# Output leaves that cannot hide a tensor.
+_LEAF_TYPES = (torch.Tensor, int, float, bool, str, bytes, complex, type(None), torch.dtype,
+               torch.device, enum.Enum)
 
 
 class GenericHandler:
@@ -197,6 +201,12 @@ class _Runner:
             raise _Mismatch("the per-sample output has another structure")
         return tuple(leaves[i] for i in self.live)
 
+    def primal(self, batched, vals):
+        """``run`` through the same ``vjp`` as the per-sample gradients, so that both take
+        the same code path (under no_grad some modules take a fast path vmap cannot run)."""
+        out, _ = torch.func.vjp(lambda P: self.run(P, batched, vals), self.params)
+        return tuple(o.detach() for o in out)
+
     def per_sample(self, fn, batched, extra=()):
         """Stack ``fn(vals_b, *extra_b)`` over samples: vmap, or a loop where vmap fails."""
         vals = [t for t, b in zip(self.flat, batched) if b]
@@ -220,21 +230,27 @@ class _Runner:
                 "tensor input with a batch dimension; pass the batch as an argument, or "
                 "freeze its parameters"
             )
-        B = firsts[0].shape[0]
-        if B == 0:
+        if firsts[0].shape[0] == 0:
             return None
-        cands = [i for i, t in enumerate(self.flat)
-                 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
-        trials = (set(c) for k in range(len(cands), 0, -1)
-                  for c in itertools.combinations(cands, k))
+        # Batch sizes to try: each first dimension among the inputs, in order, 1 last (with
+        # a batch of one every assignment reproduces the output, so it proves the least).
+        sizes = sorted(dict.fromkeys(t.shape[0] for t in firsts if t.shape[0] > 0),
+                       key=lambda n: n == 1)
+
+        def trials():
+            for B in sizes:
+                cands = [i for i, t in enumerate(self.flat)
+                         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
+                for k in range(len(cands), 0, -1):
+                    for c in itertools.combinations(cands, k):
+                        yield B, set(c)
+
         last = None
-        for chosen in itertools.islice(trials, _MAX_TRIALS):
+        for B, chosen in itertools.islice(trials(), _MAX_TRIALS):
             batched = [i in chosen for i in range(len(self.flat))]
             try:
-                with torch.no_grad():
-                    outs = self.per_sample(
-                        lambda vals, batched=batched: self.run(self.params, batched, vals),
-                        batched)
+                with torch.enable_grad():
+                    outs = self.per_sample(functools.partial(self.primal, batched), batched)
                 dims = [_match(o, r, B) for o, r in zip(outs, real)]
             except Exception as e:  # a wrong assignment may fail inside the module
                 last = e
@@ -244,10 +260,11 @@ class _Runner:
         why = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
         raise ValueError(
             f"dpkernels: {name} ({kind}) uses the generic per-sample fallback, but re-running "
-            f"it on each sample alone (batch = dim 0 of the inputs of first dimension {B}) "
-            "does not reproduce its output: it mixes samples, its batch is not the first "
-            "dimension of its inputs (use batch_first=True), or its output has no batch "
-            f"dimension{why}. Give it a fused rule, restructure it, or freeze its parameters"
+            "it on each sample alone does not reproduce its output, whichever of its inputs "
+            f"are taken as batched (first dimensions {sizes}): it mixes samples, its batch is "
+            "not the first dimension of its inputs (use batch_first=True), or its output has "
+            f"no batch dimension{why}. Give it a fused rule, restructure it, or freeze its "
+            "parameters"
         )
 
     def per_sample_grads(self, plan: _Plan, grads) -> dict[str, torch.Tensor]:
