@@ -229,14 +229,15 @@ class CausalAttn(nn.Module):
         return self.head(out) + weights.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("B", [4, 3], ids=["T==B", "T!=B"])
-def test_multihead_attention_default_call_with_mask_exact(B):
+@pytest.mark.parametrize("B, mode", [(4, "fast"), (3, "fast"), (4, "low-memory")],
+                         ids=["T==B", "T!=B", "T==B-low-memory"])
+def test_multihead_attention_default_call_with_mask_exact(B, mode):
     """5b and 13: need_weights=True raised TypeError; a [T, T] mask with T == B crashed."""
     model = CausalAttn().to(F64)
     x = torch.randn(B, 4, 8, dtype=F64)
     y = torch.randn(B, 4, 2, dtype=F64)
     with pytest.warns(UserWarning, match="MultiheadAttention"):
-        check_engine(model, mse, x, y)
+        check_engine(model, mse, x, y, mode=mode)
 
 
 def test_module_that_mixes_samples_refused():
