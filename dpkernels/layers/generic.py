@@ -107,16 +107,7 @@ class GenericHandler:
                 f"{', '.join(odd)}, which it cannot look into; return tensors (in tuples, "
                 "lists or dicts), or freeze its parameters"
             )
-        # One entry per distinct differentiable tensor (a tensor returned twice is one
-        # output, captured once, and stays one tensor for the caller).
-        live, where = [], []
-        for i, t in enumerate(leaves):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                j = next((k for k, u in enumerate(live) if leaves[u] is t), None)
-                if j is None:
-                    live.append(i)
-                    j = len(live) - 1
-                where.append((i, j))
+        live, where = _distinct_live(leaves)
         if not live:
             return out
         flat = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
@@ -134,18 +125,38 @@ class GenericHandler:
                 psg = run.per_sample_grads(plan, grads)
             engine.record(name, plan.B, [(own[n], DenseUse(psg[n])) for n in own])
 
-        ptrs = [leaves[i].untyped_storage().data_ptr() if leaves[i].numel() else -k - 1
-                for k, i in enumerate(live)]
-        aliased = tuple(ptrs.count(ptr) > 1 for ptr in ptrs)
         modified = (
             f"dpkernels: an output of {name} ({kind}) that is a view of another of its outputs "
             "was modified in place; the generic fallback returns its outputs as separate "
             "copies, so the other one did not change. Modify a copy (out = out * 2) instead"
         )
-        captured = _Capture.apply(hook, modified, aliased, *(leaves[i] for i in live))
+        captured = _Capture.apply(hook, modified, _shares_memory([leaves[i] for i in live]),
+                                  *(leaves[i] for i in live))
         for i, j in where:
             leaves[i] = captured[j]
         return tree_unflatten(leaves, out_spec)
+
+
+def _distinct_live(leaves) -> tuple[list[int], list[tuple[int, int]]]:
+    """(indices of the distinct differentiable tensors among ``leaves``, (leaf index, entry)
+    for every differentiable leaf): a tensor returned twice is one output, captured once,
+    and stays one tensor for the caller."""
+    live, where = [], []
+    for i, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            j = next((k for k, u in enumerate(live) if leaves[u] is t), None)
+            if j is None:
+                live.append(i)
+                j = len(live) - 1
+            where.append((i, j))
+    return live, where
+
+
+def _shares_memory(tensors) -> tuple[bool, ...]:
+    """Per tensor: does another one of ``tensors`` use the same storage (views of it)?"""
+    ptrs = [t.untyped_storage().data_ptr() if t.numel() else -k - 1
+            for k, t in enumerate(tensors)]
+    return tuple(ptrs.count(p) > 1 for p in ptrs)
 
 
 class _Capture(torch.autograd.Function):
