@@ -72,9 +72,9 @@ class ConvUse(Use):
         ones = torch.ones(G, *self.weight_shape[1:], dtype=dt, device=x2.device)
         conv = (F.conv1d, F.conv2d, F.conv3d)[x2.dim() - 3]
         patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
-        B = self.x.shape[0]
-        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, -1).norm(dim=2)  # [B, G, T]
-        return (patch.reshape(B, G, -1) * gn).sum(-1)
+        B, T = self.x.shape[0], math.prod(self.g.shape[2:])  # explicit: B = 0 makes -1 ambiguous
+        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)  # [B, G, T]
+        return (patch.reshape(B, G, T) * gn).sum(-1)
 
     def magnitude(self) -> torch.Tensor:
         return self.group_magnitudes().sum(1)
