@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from dpkernels import demo
 
+        demo.check_arguments(parser, args)
         demo.run(args)
         return 0
     if args.command == "info":

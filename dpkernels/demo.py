@@ -8,6 +8,8 @@ against one non-private step of the same model and batch, measured in this proce
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import sys
 import time
@@ -22,24 +24,54 @@ DEFAULTS = dict(epsilon=3.0, delta=1e-5, epochs=40, batch_size=256, max_grad_nor
                 lr=1.0, hidden=128, max_physical_batch_size=128, seed=0, accountant="pld")
 
 
+def _number(kind, low: float, inclusive: bool = True):
+    """An argparse type: a finite ``kind`` >= ``low`` (> ``low`` unless ``inclusive``), so that
+    a bad value is a usage error, not a traceback from deep inside training."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v >= low if inclusive else v > low)
+        if not ok:
+            finite = "" if kind is int else " and finite"
+            raise argparse.ArgumentTypeError(
+                f"must be {'>=' if inclusive else '>'} {low:g}{finite}, got {text}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _probability(text: str) -> float:
+    v = _number(float, 0.0, inclusive=False)(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--epsilon", type=float, default=d["epsilon"],
+    count = _number(int, 1)
+    positive = _number(float, 0.0, inclusive=False)
+    p.add_argument("--epsilon", type=positive, default=d["epsilon"],
                    help="target epsilon; calibrates the noise multiplier (default %(default)s)")
-    p.add_argument("--noise-multiplier", type=float, default=None,
+    p.add_argument("--noise-multiplier", type=_number(float, 0.0), default=None,
                    help="use this noise multiplier instead of calibrating it to --epsilon")
-    p.add_argument("--delta", type=float, default=d["delta"], help="default %(default)s")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+    p.add_argument("--delta", type=_probability, default=d["delta"], help="default %(default)s")
+    p.add_argument("--epochs", type=count, default=d["epochs"], help="default %(default)s")
+    p.add_argument("--batch-size", type=count, default=d["batch_size"],
                    help="expected (logical) Poisson batch size (default %(default)s)")
-    p.add_argument("--max-physical-batch-size", type=int, default=d["max_physical_batch_size"],
+    p.add_argument("--max-physical-batch-size", type=count,
+                   default=d["max_physical_batch_size"],
                    help="micro-batch size limit; memory depends on it only "
                         "(default %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
+    p.add_argument("--max-grad-norm", type=positive, default=d["max_grad_norm"],
                    help="per-sample clipping norm C (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate "
+    p.add_argument("--lr", type=_number(float, 0.0), default=d["lr"], help="SGD learning rate "
                    "(default %(default)s)")
-    p.add_argument("--hidden", type=int, default=d["hidden"], help="hidden width "
+    p.add_argument("--hidden", type=count, default=d["hidden"], help="hidden width "
                    "(default %(default)s)")
     p.add_argument("--backend", default="auto", choices=list(dispatch.BACKENDS),
                    help="op backend (default %(default)s)")
@@ -47,9 +79,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accountant", default=d["accountant"], choices=["pld", "rdp"],
                    help="default %(default)s")
     p.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
-    p.add_argument("--timing-steps", type=int, default=30,
+    p.add_argument("--timing-steps", type=count, default=30,
                    help="steps timed for the DP / non-private comparison (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors for what the types alone cannot check: device and backend."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"argument --device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but no CUDA GPU is visible to torch")
+    if args.backend == "triton" and device.type == "cpu" and "triton" not in sys.modules:
+        # Triton runs on CPU tensors only in its interpreter, which must be switched on
+        # before triton is first imported (creating a torch optimizer imports it).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        dispatch.check_backend(args.backend, device.type)
+    except RuntimeError as e:
+        parser.error(f"argument --backend: {e}")
 
 
 def load_digits_split(seed: int = 0):
@@ -126,8 +176,6 @@ def run(args) -> dict:
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
     n = len(x_tr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import types
 import warnings
@@ -728,10 +729,21 @@ class _CapturedForward:
     def __init__(self, engine, module, name, handler, orig, previous) -> None:
         self.engine, self.module, self.name = engine, module, name
         self.handler, self.orig, self.previous = handler, orig, previous
+        self.signature: inspect.Signature | None = None
 
     def __call__(self, *args, **kwargs):
         if self.engine.bypass:
             return self.orig(*args, **kwargs)
+        if kwargs:
+            # Handlers take the module's inputs positionally (``fc(input=x)`` is ``fc(x)``);
+            # a call that does not fit the signature gets the module's own error.
+            if self.signature is None:
+                self.signature = inspect.signature(self.orig)
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError:
+                return self.orig(*args, **kwargs)
+            args, kwargs = bound.args, bound.kwargs
         return self.handler.forward(self.engine, self.module, self.name, self.orig, *args,
                                     **kwargs)
 

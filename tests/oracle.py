@@ -32,7 +32,13 @@ def per_sample_grads(model, loss_fn, x, y):
         out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
         return loss_fn(out, yb.unsqueeze(0))
 
-    return vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+    try:
+        return vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+    except RuntimeError:
+        # vmap has no batching rule for some modules (a float64 LSTM): the same gradients,
+        # one sample at a time
+        rows = [grad(f)(params, x[b], y[b]) for b in range(x.shape[0])]
+        return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
 @contextlib.contextmanager

@@ -381,30 +381,6 @@ def test_multihead_attention_whole_module_fallback():
         check_engine(model, lambda o, t: F.mse_loss(o, t), x, y)
 
 
-def test_generic_tuple_output_refused():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(6))
-
-        def forward(self, x):
-            return x.addcmul(x, self.w), x.addcmul(x, self.w, value=2)  # no op rule
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.two = Two()
-
-        def forward(self, x):
-            a, b = self.two(x)
-            return a + b
-
-    model = Net().double()
-    private(model)
-    with pytest.warns(UserWarning, match="addcmul"), pytest.raises(TypeError, match="one tensor"):
-        model(torch.randn(3, 6, dtype=torch.float64))
-
-
 # ---------------------------------------------------------------- optimizer surface
 def test_state_dict_roundtrip_and_steps():
     model = mlp()

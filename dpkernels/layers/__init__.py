@@ -12,6 +12,9 @@ the generic torch.func fallback (generic.py).
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from dpkernels.layers import conv, embedding, generic, linear, norms, op_rules, opcapture
 
@@ -100,6 +103,37 @@ def register_module_rule(cls: type, rule) -> None:
 
 def refuse(module: nn.Module, name: str) -> None:
     """Errors for modules that can never be made private as they are."""
+    kind = type(module).__name__
+    trainable = any(p.requires_grad for p in module.parameters())
+    if trainable and _batch_second(module):
+        # [T, B, ...] inputs: every capture takes dim 0 as the batch, so the per-sample
+        # gradients would be per time step, and silently so when T == B.
+        raise ValueError(
+            f"dpkernels: {name} ({kind}) has batch_first=False (torch's default), so its "
+            "inputs are [T, B, ...] and per-sample gradients would be taken per time step; "
+            "construct it with batch_first=True and feed [B, T, ...] inputs"
+        )
+    if trainable and parametrize.is_parametrized(module):
+        tensors = ", ".join(module.parametrizations.keys())
+        raise ValueError(
+            f"dpkernels: {name} ({kind}) has parametrized tensors ({tensors}, e.g. "
+            "nn.utils.parametrizations.weight_norm); per-sample gradients of their original "
+            "parameters are not supported. Remove the parametrization before make_private "
+            f"(nn.utils.parametrize.remove_parametrizations(module, {tensors.split(', ')[0]!r}) "
+            f"on {name}) or freeze its parameters"
+        )
+    legacy = [h for h in module._forward_pre_hooks.values() if isinstance(h, _LEGACY_REPARAM)]
+    if trainable and legacy:
+        # The hook recomputes the weight from weight_g / weight_v (weight_orig) before
+        # forward, outside any capture: those parameters would get a gradient of 0 silently.
+        fix = ("nn.utils.remove_weight_norm" if isinstance(legacy[0], WeightNorm)
+               else "nn.utils.remove_spectral_norm")
+        raise ValueError(
+            f"dpkernels: {name} ({kind}) uses the legacy {type(legacy[0]).__name__} hook on "
+            f"{legacy[0].name!r}, which recomputes that weight outside the module's forward, "
+            "so its parameters would get no per-sample gradient; remove it before "
+            f"make_private ({fix}(module) on {name}) or freeze its parameters"
+        )
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise ValueError(
             f"dpkernels: {name} is a {type(module).__name__}, which mixes samples in a batch "
@@ -114,3 +148,17 @@ def refuse(module: nn.Module, name: str) -> None:
             "running statistics are averaged over training samples without clipping or noise, "
             "so they are not private; construct it with track_running_stats=False"
         )
+
+
+_LEGACY_REPARAM = (WeightNorm, SpectralNorm)
+
+
+def _batch_second(module: nn.Module) -> bool:
+    """A torch module whose inputs are [T, B, ...] (batch_first=False, torch's default)."""
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return any(_batch_second(layer) for layer in module.layers)
+    return False

@@ -44,7 +44,7 @@ def conv_unfold(x, weight_shape, stride, padding, dilation, groups) -> torch.Ten
 def _grouped_backprops(g: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, C_out, *O] -> [B, G, T, p]."""
     B, C_out = g.shape[:2]
-    return g.reshape(B, groups, C_out // groups, -1).transpose(2, 3)
+    return g.reshape(B, groups, C_out // groups, math.prod(g.shape[2:])).transpose(2, 3)
 
 
 @register("conv_norm", "reference")
