@@ -66,10 +66,13 @@ def triton_available(device_type: str) -> tuple[bool, str]:
 
 @functools.cache
 def cuda_available() -> tuple[bool, str]:
-    try:
-        from dpkernels import _C  # noqa: F401
-    except Exception:
-        return False, "the CUDA extension (csrc/) is not built"
+    from dpkernels import secure
+
+    ok, why = secure.available()
+    if not ok:
+        return False, f"the C++ extension (csrc/) is not built: {why}"
+    if not secure.with_cuda():
+        return False, "the C++ extension (csrc/) was built without its CUDA kernels"
     return True, ""
 
 

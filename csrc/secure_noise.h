@@ -1,0 +1,196 @@
+// Cryptographically secure Gaussian noise: the ChaCha20 block function (RFC 8439, section
+// 2.3) and its mapping to normals, as functions that compile both as plain C++ (the CPU op)
+// and as CUDA __host__ __device__ code (the GPU op), so that both paths run the same source.
+//
+// Stream layout (docs/DESIGN.md, "Secure noise"): a 256-bit key drawn from os.urandom for
+// each step; the 96-bit nonce holds the stream id (the parameter's index), so every
+// parameter has its own stream; the 32-bit block counter walks that stream.  Output element
+// e uses block e / 2 and, within it, the eight 32-bit words starting at 8 * (e % 2).
+//
+// Normal mapping (resists the floating-point attacks of Mironov 2012 and Holohan & Braghin
+// 2021): four 53-bit uniforms u1, t1, u2, t2 per element, two float64 Box-Muller normals
+// sqrt(-2 ln u) cos(2 pi t) that share no uniform, summed and divided by sqrt(2), multiplied
+// by std, and only then rounded to the output dtype.  log and cos are computed here from
+// +, -, *, / and sqrt alone (IEEE-exact on both sides; no fused multiply-add on the device,
+// -ffp-contract=off on the host), so the CPU and the CUDA op give the same bits.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define DPK_HD __host__ __device__ __forceinline__
+#else
+#define DPK_HD inline
+#endif
+
+namespace dpk {
+
+// Rounded arithmetic that the compiler may not fuse into an FMA on the device.
+#if defined(__CUDA_ARCH__)
+#define DPK_ADD(a, b) __dadd_rn((a), (b))
+#define DPK_SUB(a, b) __dsub_rn((a), (b))
+#define DPK_MUL(a, b) __dmul_rn((a), (b))
+#define DPK_DIV(a, b) __ddiv_rn((a), (b))
+#define DPK_SQRT(a) __dsqrt_rn(a)
+#else
+#define DPK_ADD(a, b) ((a) + (b))
+#define DPK_SUB(a, b) ((a) - (b))
+#define DPK_MUL(a, b) ((a) * (b))
+#define DPK_DIV(a, b) ((a) / (b))
+#define DPK_SQRT(a) __builtin_sqrt(a)
+#endif
+
+constexpr int kBlockWords = 16;
+constexpr int kWordsPerElement = 8;   // four 64-bit draws
+constexpr int kElementsPerBlock = kBlockWords / kWordsPerElement;
+
+DPK_HD uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+DPK_HD void quarter_round(uint32_t* s, int a, int b, int c, int d) {
+  s[a] += s[b]; s[d] ^= s[a]; s[d] = rotl32(s[d], 16);
+  s[c] += s[d]; s[b] ^= s[c]; s[b] = rotl32(s[b], 12);
+  s[a] += s[b]; s[d] ^= s[a]; s[d] = rotl32(s[d], 8);
+  s[c] += s[d]; s[b] ^= s[c]; s[b] = rotl32(s[b], 7);
+}
+
+// RFC 8439 2.3: out = the 16 little-endian words of block `counter` for (key, nonce).
+DPK_HD void chacha20_block(const uint32_t key[8], uint32_t counter, const uint32_t nonce[3],
+                           uint32_t out[16]) {
+  uint32_t init[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
+                       key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+                       counter, nonce[0], nonce[1], nonce[2]};
+  uint32_t s[16];
+  for (int i = 0; i < 16; ++i) s[i] = init[i];
+  for (int round = 0; round < 10; ++round) {  // 20 rounds: 10 column + 10 diagonal
+    quarter_round(s, 0, 4, 8, 12);
+    quarter_round(s, 1, 5, 9, 13);
+    quarter_round(s, 2, 6, 10, 14);
+    quarter_round(s, 3, 7, 11, 15);
+    quarter_round(s, 0, 5, 10, 15);
+    quarter_round(s, 1, 6, 11, 12);
+    quarter_round(s, 2, 7, 8, 13);
+    quarter_round(s, 3, 4, 9, 14);
+  }
+  for (int i = 0; i < 16; ++i) out[i] = s[i] + init[i];
+}
+
+DPK_HD uint64_t bits_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+DPK_HD double double_of(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// Natural log of a positive normal double: x = m 2^e with m in (sqrt(1/2), sqrt(2)], then
+// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172: the series to s^23 leaves a
+// truncation error below 1e-18, so the result is within a few ulps.
+DPK_HD double log_pos(double x) {
+  const uint64_t b = bits_of(x);
+  int e = static_cast<int>((b >> 52) & 0x7ff) - 1023;
+  double m = double_of((b & 0x000fffffffffffffull) | 0x3ff0000000000000ull);  // [1, 2)
+  if (m > 1.4142135623730951) {
+    m = DPK_MUL(m, 0.5);  // exact
+    e += 1;
+  }
+  const double s = DPK_DIV(DPK_SUB(m, 1.0), DPK_ADD(m, 1.0));
+  const double s2 = DPK_MUL(s, s);
+  const double c[12] = {1.0, 0.3333333333333333, 0.2, 0.14285714285714285,
+                        0.1111111111111111, 0.09090909090909091, 0.07692307692307693,
+                        0.06666666666666667, 0.058823529411764705, 0.05263157894736842,
+                        0.047619047619047616, 0.043478260869565216};  // 1 / (2k + 1)
+  double p = c[11];
+  for (int k = 10; k >= 0; --k) p = DPK_ADD(DPK_MUL(p, s2), c[k]);
+  const double log_m = DPK_MUL(DPK_MUL(2.0, s), p);
+  // ln 2 split so that e * kLn2Hi is exact for |e| < 2^11
+  const double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  const double de = static_cast<double>(e);
+  return DPK_ADD(DPK_MUL(de, kLn2Hi), DPK_ADD(DPK_MUL(de, kLn2Lo), log_m));
+}
+
+// sin(y) and cos(y) for y in [0, pi/4]: Taylor series to y^17 and y^18 (next terms < 1e-19).
+DPK_HD double sin_small(double y) {
+  const double c[9] = {1.0, -0.16666666666666666, 0.008333333333333333,
+                       -0.0001984126984126984, 2.7557319223985893e-06,
+                       -2.505210838544172e-08, 1.6059043836821613e-10,
+                       -7.647163731819816e-13, 2.8114572543455206e-15};  // (-1)^k / (2k+1)!
+  const double y2 = DPK_MUL(y, y);
+  double p = c[8];
+  for (int k = 7; k >= 0; --k) p = DPK_ADD(DPK_MUL(p, y2), c[k]);
+  return DPK_MUL(y, p);
+}
+
+DPK_HD double cos_small(double y) {
+  const double c[10] = {1.0, -0.5, 0.041666666666666664, -0.001388888888888889,
+                        2.48015873015873e-05, -2.755731922398589e-07, 2.08767569878681e-09,
+                        -1.1470745597729725e-11, 4.779477332387385e-14,
+                        -1.5619206968586225e-16};  // (-1)^k / (2k)!
+  const double y2 = DPK_MUL(y, y);
+  double p = c[9];
+  for (int k = 8; k >= 0; --k) p = DPK_ADD(DPK_MUL(p, y2), c[k]);
+  return p;
+}
+
+// cos(2 pi t) for t in [0, 1): quadrant from 4t (exact), then an angle in [0, pi/4].
+DPK_HD double cos_2pi(double t) {
+  const double x = DPK_MUL(t, 4.0);  // exact
+  const int q = static_cast<int>(x);
+  double f = DPK_SUB(x, static_cast<double>(q));  // exact, in [0, 1)
+  // cos(pi/2 (q + f)) = cos(a), -sin(a), -cos(a), sin(a) for q = 0..3, a = pi/2 f
+  bool use_sin = (q & 1) != 0;
+  const bool negate = (q == 1 || q == 2);
+  if (f > 0.5) {  // cos(pi/2 f) = sin(pi/2 (1 - f)) and vice versa; 1 - f is exact
+    f = DPK_SUB(1.0, f);
+    use_sin = !use_sin;
+  }
+  const double y = DPK_MUL(f, 1.5707963267948966);
+  const double v = use_sin ? sin_small(y) : cos_small(y);
+  return negate ? -v : v;
+}
+
+// A 53-bit uniform from a 64-bit draw: in (0, 1] (for the log) or [0, 1) (for the angle).
+DPK_HD double open_unit(uint64_t w) { return DPK_MUL(static_cast<double>((w >> 11) + 1), 0x1p-53); }
+DPK_HD double closed_unit(uint64_t w) { return DPK_MUL(static_cast<double>(w >> 11), 0x1p-53); }
+
+DPK_HD double box_muller(uint64_t wu, uint64_t wt) {
+  const double r = DPK_SQRT(DPK_MUL(-2.0, log_pos(open_unit(wu))));
+  return DPK_MUL(r, cos_2pi(closed_unit(wt)));
+}
+
+// One standard normal from eight keystream words (two independent Box-Muller draws).
+DPK_HD double normal_from_words(const uint32_t* w) {
+  uint64_t d[4];
+  for (int k = 0; k < 4; ++k) d[k] = static_cast<uint64_t>(w[2 * k]) | (static_cast<uint64_t>(w[2 * k + 1]) << 32);
+  return DPK_MUL(DPK_ADD(box_muller(d[0], d[1]), box_muller(d[2], d[3])), 0.7071067811865475);
+}
+
+// The nonce of stream `stream`: its 64 bits, then a zero word.
+DPK_HD void stream_nonce(uint64_t stream, uint32_t nonce[3]) {
+  nonce[0] = static_cast<uint32_t>(stream);
+  nonce[1] = static_cast<uint32_t>(stream >> 32);
+  nonce[2] = 0u;
+}
+
+// Elements [2 * block, 2 * block + count) of `out`, count <= 2: std * z rounded to T.
+template <typename T>
+DPK_HD void normal_block(const uint32_t key[8], const uint32_t nonce[3], uint32_t block,
+                         double std_dev, T* out, int count) {
+  uint32_t w[kBlockWords];
+  chacha20_block(key, block, nonce, w);
+  for (int j = 0; j < count; ++j)
+    out[j] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w + kWordsPerElement * j)));
+}
+
+}  // namespace dpk
