@@ -161,8 +161,12 @@ DPK_HD double cos_2pi(double t) {
 }
 
 // A 53-bit uniform from a 64-bit draw: in (0, 1] (for the log) or [0, 1) (for the angle).
-DPK_HD double open_unit(uint64_t w) { return DPK_MUL(static_cast<double>((w >> 11) + 1), 0x1p-53); }
-DPK_HD double closed_unit(uint64_t w) { return DPK_MUL(static_cast<double>(w >> 11), 0x1p-53); }
+DPK_HD double open_unit(uint64_t w) {
+  return DPK_MUL(static_cast<double>((w >> 11) + 1), 0x1p-53);
+}
+DPK_HD double closed_unit(uint64_t w) {
+  return DPK_MUL(static_cast<double>(w >> 11), 0x1p-53);
+}
 
 DPK_HD double box_muller(uint64_t wu, uint64_t wt) {
   const double r = DPK_SQRT(DPK_MUL(-2.0, log_pos(open_unit(wu))));
@@ -172,7 +176,8 @@ DPK_HD double box_muller(uint64_t wu, uint64_t wt) {
 // One standard normal from eight keystream words (two independent Box-Muller draws).
 DPK_HD double normal_from_words(const uint32_t* w) {
   uint64_t d[4];
-  for (int k = 0; k < 4; ++k) d[k] = static_cast<uint64_t>(w[2 * k]) | (static_cast<uint64_t>(w[2 * k + 1]) << 32);
+  for (int k = 0; k < 4; ++k)
+    d[k] = static_cast<uint64_t>(w[2 * k]) | (static_cast<uint64_t>(w[2 * k + 1]) << 32);
   return DPK_MUL(DPK_ADD(box_muller(d[0], d[1]), box_muller(d[2], d[3])), 0.7071067811865475);
 }
 
@@ -183,14 +188,16 @@ DPK_HD void stream_nonce(uint64_t stream, uint32_t nonce[3]) {
   nonce[2] = 0u;
 }
 
-// Elements [2 * block, 2 * block + count) of `out`, count <= 2: std * z rounded to T.
+// Elements [2 * block, 2 * block + count) of `out`, count is 1 or 2: std * z rounded to T.
+// Constant word offsets (no loop over count) keep the block in registers on the device.
 template <typename T>
 DPK_HD void normal_block(const uint32_t key[8], const uint32_t nonce[3], uint32_t block,
                          double std_dev, T* out, int count) {
+  static_assert(kElementsPerBlock == 2, "normal_block writes two elements per block");
   uint32_t w[kBlockWords];
   chacha20_block(key, block, nonce, w);
-  for (int j = 0; j < count; ++j)
-    out[j] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w + kWordsPerElement * j)));
+  out[0] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w)));
+  if (count > 1) out[1] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w + kWordsPerElement)));
 }
 
 }  // namespace dpk

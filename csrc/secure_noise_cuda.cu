@@ -1,9 +1,10 @@
 // CUDA kernel of dpkernels::secure_normal_: one thread per ChaCha20 block (two elements),
 // the same header functions as the CPU op, so the two give the same bits.
-#include <torch/extension.h>
-
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "secure_noise.h"
 #include "secure_noise_checks.h"
@@ -36,7 +37,7 @@ void secure_normal_cuda(at::Tensor& out, at::IntArrayRef key, int64_t stream, do
   const int threads = 256;
   const int64_t grid = (blocks + threads - 1) / threads;
   TORCH_CHECK(grid <= 0x7fffffffLL, "dpkernels::secure_normal_: out is too large for one launch");
-  cudaStream_t s = at::cuda::getCurrentCUDAStream();
+  cudaStream_t s = c10::cuda::getCurrentCUDAStream();
   if (out.scalar_type() == at::kFloat)
     secure_normal_kernel<float><<<static_cast<unsigned>(grid), threads, 0, s>>>(
         out.data_ptr<float>(), numel, k, std_dev);
