@@ -46,33 +46,36 @@ constexpr int kElementsPerBlock = kBlockWords / kWordsPerElement;
 
 DPK_HD uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
 
-DPK_HD void quarter_round(uint32_t* s, int a, int b, int c, int d) {
-  s[a] += s[b]; s[d] ^= s[a]; s[d] = rotl32(s[d], 16);
-  s[c] += s[d]; s[b] ^= s[c]; s[b] = rotl32(s[b], 12);
-  s[a] += s[b]; s[d] ^= s[a]; s[d] = rotl32(s[d], 8);
-  s[c] += s[d]; s[b] ^= s[c]; s[b] = rotl32(s[b], 7);
-}
+// One quarter round on four state words held in local variables (an array indexed through
+// function arguments is not kept in registers by gcc: 10x slower).
+#define DPK_QR(a, b, c, d)                   \
+  a += b; d ^= a; d = dpk::rotl32(d, 16);    \
+  c += d; b ^= c; b = dpk::rotl32(b, 12);    \
+  a += b; d ^= a; d = dpk::rotl32(d, 8);     \
+  c += d; b ^= c; b = dpk::rotl32(b, 7);
 
 // RFC 8439 2.3: out = the 16 little-endian words of block `counter` for (key, nonce).
 DPK_HD void chacha20_block(const uint32_t key[8], uint32_t counter, const uint32_t nonce[3],
                            uint32_t out[16]) {
-  uint32_t init[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
-                       key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
-                       counter, nonce[0], nonce[1], nonce[2]};
-  uint32_t s[16];
-  for (int i = 0; i < 16; ++i) s[i] = init[i];
+  const uint32_t i0 = 0x61707865u, i1 = 0x3320646eu, i2 = 0x79622d32u, i3 = 0x6b206574u;
+  uint32_t x0 = i0, x1 = i1, x2 = i2, x3 = i3;
+  uint32_t x4 = key[0], x5 = key[1], x6 = key[2], x7 = key[3];
+  uint32_t x8 = key[4], x9 = key[5], x10 = key[6], x11 = key[7];
+  uint32_t x12 = counter, x13 = nonce[0], x14 = nonce[1], x15 = nonce[2];
   for (int round = 0; round < 10; ++round) {  // 20 rounds: 10 column + 10 diagonal
-    quarter_round(s, 0, 4, 8, 12);
-    quarter_round(s, 1, 5, 9, 13);
-    quarter_round(s, 2, 6, 10, 14);
-    quarter_round(s, 3, 7, 11, 15);
-    quarter_round(s, 0, 5, 10, 15);
-    quarter_round(s, 1, 6, 11, 12);
-    quarter_round(s, 2, 7, 8, 13);
-    quarter_round(s, 3, 4, 9, 14);
+    DPK_QR(x0, x4, x8, x12) DPK_QR(x1, x5, x9, x13) DPK_QR(x2, x6, x10, x14)
+    DPK_QR(x3, x7, x11, x15)
+    DPK_QR(x0, x5, x10, x15) DPK_QR(x1, x6, x11, x12) DPK_QR(x2, x7, x8, x13)
+    DPK_QR(x3, x4, x9, x14)
   }
-  for (int i = 0; i < 16; ++i) out[i] = s[i] + init[i];
+  out[0] = x0 + i0; out[1] = x1 + i1; out[2] = x2 + i2; out[3] = x3 + i3;
+  out[4] = x4 + key[0]; out[5] = x5 + key[1]; out[6] = x6 + key[2]; out[7] = x7 + key[3];
+  out[8] = x8 + key[4]; out[9] = x9 + key[5]; out[10] = x10 + key[6]; out[11] = x11 + key[7];
+  out[12] = x12 + counter; out[13] = x13 + nonce[0]; out[14] = x14 + nonce[1];
+  out[15] = x15 + nonce[2];
 }
+
+#undef DPK_QR
 
 DPK_HD uint64_t bits_of(double x) {
 #if defined(__CUDA_ARCH__)
@@ -94,6 +97,13 @@ DPK_HD double double_of(uint64_t u) {
 #endif
 }
 
+// `cond ? a : b` through bit masks: the conditions below are random bits of the keystream,
+// and as branches they would be mispredicted half the time (3x slower on the CPU).
+DPK_HD double select(bool cond, double a, double b) {
+  const uint64_t mask = 0 - static_cast<uint64_t>(cond);
+  return double_of((bits_of(a) & mask) | (bits_of(b) & ~mask));
+}
+
 // Natural log of a positive normal double: x = m 2^e with m in (sqrt(1/2), sqrt(2)], then
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172: the series to s^23 leaves a
 // truncation error below 1e-18, so the result is within a few ulps.
@@ -101,10 +111,9 @@ DPK_HD double log_pos(double x) {
   const uint64_t b = bits_of(x);
   int e = static_cast<int>((b >> 52) & 0x7ff) - 1023;
   double m = double_of((b & 0x000fffffffffffffull) | 0x3ff0000000000000ull);  // [1, 2)
-  if (m > 1.4142135623730951) {
-    m = DPK_MUL(m, 0.5);  // exact
-    e += 1;
-  }
+  const bool high = m > 1.4142135623730951;
+  m = select(high, DPK_MUL(m, 0.5), m);  // exact
+  e += high;
   const double s = DPK_DIV(DPK_SUB(m, 1.0), DPK_ADD(m, 1.0));
   const double s2 = DPK_MUL(s, s);
   const double c[12] = {1.0, 0.3333333333333333, 0.2, 0.14285714285714285,
@@ -149,15 +158,14 @@ DPK_HD double cos_2pi(double t) {
   const int q = static_cast<int>(x);
   double f = DPK_SUB(x, static_cast<double>(q));  // exact, in [0, 1)
   // cos(pi/2 (q + f)) = cos(a), -sin(a), -cos(a), sin(a) for q = 0..3, a = pi/2 f
-  bool use_sin = (q & 1) != 0;
-  const bool negate = (q == 1 || q == 2);
-  if (f > 0.5) {  // cos(pi/2 f) = sin(pi/2 (1 - f)) and vice versa; 1 - f is exact
-    f = DPK_SUB(1.0, f);
-    use_sin = !use_sin;
-  }
+  // cos(pi/2 f) = sin(pi/2 (1 - f)) and vice versa; 1 - f is exact
+  const bool flip = f > 0.5;
+  f = select(flip, DPK_SUB(1.0, f), f);
+  const bool use_sin = ((q & 1) != 0) != flip;
+  const uint64_t negate = (q == 1 || q == 2) ? 1u : 0u;
   const double y = DPK_MUL(f, 1.5707963267948966);
-  const double v = use_sin ? sin_small(y) : cos_small(y);
-  return negate ? -v : v;
+  const double v = select(use_sin, sin_small(y), cos_small(y));
+  return double_of(bits_of(v) ^ (negate << 63));  // -v
 }
 
 // A 53-bit uniform from a 64-bit draw: in (0, 1] (for the log) or [0, 1) (for the angle).
@@ -188,16 +196,23 @@ DPK_HD void stream_nonce(uint64_t stream, uint32_t nonce[3]) {
   nonce[2] = 0u;
 }
 
-// Elements [2 * block, 2 * block + count) of `out`, count is 1 or 2: std * z rounded to T.
-// Constant word offsets (no loop over count) keep the block in registers on the device.
+// One output element: std * z rounded to T (the only rounding below float64).
+template <typename T>
+DPK_HD T scaled_normal(const uint32_t* w, double std_dev) {
+  return static_cast<T>(DPK_MUL(std_dev, normal_from_words(w)));
+}
+
+// Elements [2 * block, 2 * block + count) of `out`, count is 1 or 2 (the CUDA kernel; the
+// CPU kernel runs the same two steps over a batch of blocks).  Constant word offsets (no
+// loop over count) keep the block in registers on the device.
 template <typename T>
 DPK_HD void normal_block(const uint32_t key[8], const uint32_t nonce[3], uint32_t block,
                          double std_dev, T* out, int count) {
   static_assert(kElementsPerBlock == 2, "normal_block writes two elements per block");
   uint32_t w[kBlockWords];
   chacha20_block(key, block, nonce, w);
-  out[0] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w)));
-  if (count > 1) out[1] = static_cast<T>(DPK_MUL(std_dev, normal_from_words(w + kWordsPerElement)));
+  out[0] = scaled_normal<T>(w, std_dev);
+  if (count > 1) out[1] = scaled_normal<T>(w + kWordsPerElement, std_dev);
 }
 
 }  // namespace dpk
