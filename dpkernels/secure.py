@@ -39,6 +39,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache
 def with_cuda() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return available()[0] and bool(torch.ops.dpkernels.with_cuda())
@@ -83,6 +84,14 @@ def secure_normal_(out: torch.Tensor, key: bytes, stream: int, std: float) -> to
                          f"{out.dtype}")
     if not out.is_contiguous():
         raise ValueError("dpkernels.secure_normal_: out must be contiguous")
+    if out.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"dpkernels.secure_normal_: out must be on the CPU or a CUDA device, "
+                         f"got {out.device}")
+    if out.device.type == "cuda" and not with_cuda():
+        raise RuntimeError("dpkernels.secure_normal_: the C++ extension was built without its "
+                           "CUDA kernel; pass a CPU tensor, or rebuild where nvcc and a CUDA "
+                           "torch are present (DPKERNELS_BUILD_CUDA=1 pip install "
+                           "--no-build-isolation -e .)")
     if not 0 <= int(stream) < 1 << 63:
         raise ValueError(f"dpkernels.secure_normal_: stream must be in [0, 2^63), got {stream}")
     std = float(std)
@@ -110,9 +119,11 @@ class StepNoise:
         self._used.add(index)
         if self.std == 0:
             return acc
-        z = torch.empty(acc.shape, dtype=acc.dtype, device=acc.device)
+        # Without the CUDA kernel, CUDA accumulators get the CPU op's noise (the same bits).
+        device = acc.device if acc.device.type == "cpu" or with_cuda() else "cpu"
+        z = torch.empty(acc.shape, dtype=acc.dtype, device=device)
         secure_normal_(z, self._key, index, self.std)
-        return acc.add_(z)
+        return acc.add_(z.to(acc.device))
 
 
 def no_noise(index: int, acc: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,8 @@ def test_step_noise_fresh_key_each_step_and_one_draw_per_stream():
     (lambda: secure.secure_normal_(torch.empty(4), bytes(32), -1, 1.0), "stream"),
     (lambda: secure.secure_normal_(torch.empty(4), bytes(32), 0, -1.0), "std"),
     (lambda: secure.secure_normal_(torch.empty(4), bytes(32), 0, float("nan")), "std"),
+    (lambda: secure.secure_normal_(torch.empty(4, device="meta"), bytes(32), 0, 1.0),
+     "CPU or a CUDA device"),
     # the C++ checks, reached without the Python wrapper
     (lambda: torch.ops.dpkernels.secure_normal_(torch.empty(4), [0] * 7, 0, 1.0),
      "key must be 8 32-bit words"),
@@ -147,8 +149,8 @@ def test_step_noise_fresh_key_each_step_and_one_draw_per_stream():
      "std must be finite and >= 0"),
     (lambda: torch.ops.dpkernels.chacha20_keystream([0] * 8, [0] * 3, (1 << 32) - 1, 2),
      "32-bit block counter"),
-], ids=["key-len", "dtype", "strided", "stream", "std", "std-nan", "op-key-len", "op-key-word",
-        "op-dtype", "op-std", "op-counter"])
+], ids=["key-len", "dtype", "strided", "stream", "std", "std-nan", "device", "op-key-len",
+        "op-key-word", "op-dtype", "op-std", "op-counter"])
 def test_bad_input_is_refused_with_a_clear_message(call, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         call()
@@ -252,6 +254,18 @@ def test_missing_build_raises_with_the_reason():
 
 
 # ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_accumulator_gets_noise_without_the_cuda_kernel(monkeypatch):
+    """An extension built without CUDA still serves CUDA accumulators (CPU noise, copied)."""
+    monkeypatch.setattr(secure, "with_cuda", lambda: False)
+    acc = torch.zeros(1000, device="cuda")
+    secure.StepNoise(2.0)(3, acc)
+    assert acc.is_cuda and 1.6 < acc.std().item() < 2.4  # 1000 draws: s.e. of std 2.2%
+    with pytest.raises(RuntimeError, match="built without its CUDA kernel"):
+        secure.secure_normal_(torch.empty(4, device="cuda"), bytes(32), 0, 1.0)
+
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_noise_equals_cpu_bit_for_bit(dtype):
