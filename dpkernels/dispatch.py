@@ -73,6 +73,11 @@ def cuda_available() -> tuple[bool, str]:
         return False, f"the C++ extension (csrc/) is not built: {why}"
     if not secure.with_cuda():
         return False, "the C++ extension (csrc/) was built without its CUDA kernels"
+    if not any(b == "cuda" for (_, b) in _IMPLS):
+        # auto must keep picking Triton on the GPU: a "cuda" backend without ops would send
+        # every op to the reference
+        return False, ("no DP-SGD op has a CUDA C++ kernel yet (csrc/ ships the secure-noise "
+                       "generator only)")
     return True, ""
 
 

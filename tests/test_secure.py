@@ -253,6 +253,22 @@ def test_missing_build_raises_with_the_reason():
     assert "C++ extension  not built, secure_mode=True unavailable" in out
 
 
+def test_cuda_build_does_not_claim_the_cuda_backend(monkeypatch):
+    """An extension built with CUDA (secure noise only) must not make backend='auto' pick
+    'cuda' on the GPU: no DP-SGD op has a CUDA kernel, so every op would run on the
+    reference instead of Triton."""
+    from dpkernels import dispatch
+
+    monkeypatch.setattr(secure, "with_cuda", lambda: True)
+    dispatch.cuda_available.cache_clear()
+    try:
+        ok, why = dispatch.cuda_available()
+        assert not ok and "no DP-SGD op has a CUDA C++ kernel" in why
+        assert dispatch.pick("auto", "cuda") != "cuda"
+    finally:
+        dispatch.cuda_available.cache_clear()
+
+
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cuda_accumulator_gets_noise_without_the_cuda_kernel(monkeypatch):
