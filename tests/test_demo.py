@@ -43,8 +43,8 @@ def test_demo_secure_mode(capsys, monkeypatch):
         keys.append(self._key)
 
     monkeypatch.setattr(secure.StepNoise, "__init__", counting)
-    main(["demo", "--epochs", "2", "--epsilon", "8", "--timing-steps", "1", "--no-progress",
-          "--secure-mode"])
+    main(["demo", "--epochs", "2", "--noise-multiplier", "1", "--timing-steps", "1",
+          "--no-progress", "--secure-mode"])
     out = capsys.readouterr().out
     steps = int(re.search(r"([0-9]+) steps, max grad norm", out).group(1))
     assert len(keys) >= steps and len(set(keys)) == len(keys)  # + the timing steps
