@@ -78,6 +78,11 @@ else
 fi
 "$PY" -c 'import opacus; print("opacus", opacus.__version__)' >>"$ENVF" 2>&1
 "$PY" -c 'import matplotlib; print("matplotlib", matplotlib.__version__)' >>"$ENVF" 2>&1
+# csrc/ (secure noise) compiled in place with its CUDA kernel, for the GPU test of
+# tests/test_secure.py and the secure_noise rows of kernels.py
+BUILD_S=${BUILD_S:-180}
+step "build csrc" "$BUILD_S" "$ENVF" env DPKERNELS_BUILD_CUDA=1 MAX_JOBS=8 "$PY" setup.py \
+    build_ext --inplace
 step "dpkernels.info" "$ENV_S" "$ENVF" "$PY" -m dpkernels.info
 
 # --- tests -------------------------------------------------------------------------------

@@ -9,11 +9,15 @@ Reductions (layer_norm_psg, group_norm_psg, embedding_norm) are reported as achi
 bandwidth (the fewest bytes they must move: inputs read once, outputs written once, over
 the time), beside the card's measured copy bandwidth (bytes read + written by a large
 device-to-device copy).  Each op's pure-torch reference is timed too (provider
-``reference``).  Times are ``triton.testing.do_bench`` quantiles (median, 20th, 80th
-percentile, ms); rows are appended to bench/results/<date>-<gpu>-kernels.csv.
+``reference``).  ``secure_noise`` (the ChaCha20 normals of secure_mode, csrc/) is timed
+against ``torch.randn`` of the same size, as bandwidth of the float32 noise written; it is
+the one op with a compiled CPU kernel, so ``--cpu`` times it on the CPU.  Times are
+``triton.testing.do_bench`` quantiles (median, 20th, 80th percentile, ms; wall clock on the
+CPU); rows are appended to bench/results/<date>-<gpu>-kernels.csv.
 
     python bench/kernels.py                   # needs a CUDA GPU
     python bench/kernels.py --interpret-smoke # CPU: one tiny shape per op, checks the script
+    python bench/kernels.py --cpu             # CPU: secure_noise against torch.randn
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from bench import common  # noqa: E402
 COLUMNS = ["date", "gpu", "torch", "triton", "git_sha", "op", "shape", "dtype", "provider",
            "ms_median", "ms_p20", "ms_p80", "ratio_or_bandwidth"]
 OPS = ("linear_norm", "linear_clipped_sum", "layer_norm_psg", "group_norm_psg",
-       "embedding_norm", "conv_norm", "conv_clipped_sum")
+       "embedding_norm", "conv_norm", "conv_clipped_sum", "secure_noise")
 
 # The layers of the ANCHORS.md models.  linear: (B, T, d, p); layer norm: (B, T, d);
 # group norm: (B, C, H, W, groups); embedding: (B, T, p, vocab).
@@ -53,6 +57,10 @@ LAYER_NORM = {"gpt-ln": (16, 256, 768), "gpt-ln-T2048": (2, 2048, 768)}
 GROUP_NORM = {"cnn-gn1": (256, 64, 32, 32, 32), "cnn-gn3": (256, 128, 16, 16, 32),
               "cnn-gn5": (256, 256, 8, 8, 32)}
 EMBEDDING = {"gpt-tok": (16, 256, 768, 16384), "gpt-tok-T2048": (2, 2048, 768, 16384)}
+# secure noise: elements drawn in one call (a parameter's noise)
+SECURE_NOISE = {"mlp-fc2.weight": 1 << 20, "gpt-fc1.weight": 768 * 3072,
+                "gpt-head.weight": 768 * 16384}
+SECURE_NOISE_CPU = {"mlp-fc2.weight": 1 << 20}
 # conv 3x3 pad 1: (B, C_in, C_out, H = W)
 CONV = {"cnn-conv1": (256, 3, 64, 32), "cnn-conv2": (256, 64, 64, 32),
         "cnn-conv3": (256, 64, 128, 16), "cnn-conv4": (256, 128, 128, 16),
@@ -64,6 +72,7 @@ SMOKE = {
     "group_norm": {"tiny": (2, 8, 3, 3, 4)},
     "embedding": {"tiny": (2, 5, 7, 11)},
     "conv": {"tiny": (2, 3, 4, 5)},
+    "secure_noise": {"tiny": 1001},
 }
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -78,7 +87,8 @@ class Bench:
         self.rows: list[list] = []
         self.t0 = time.monotonic()
         dev_label = (common.device_name("cuda:0") if device == "cuda"
-                     else "cpu (TRITON_INTERPRET=1 smoke)")
+                     else "cpu (TRITON_INTERPRET=1 smoke)" if self.smoke
+                     else f"cpu ({os.cpu_count()} cores)")
         self.meta = {"date": common.now_utc(), "gpu": dev_label, "torch": torch.__version__,
                      "triton": common.version("triton"), "git_sha": common.git_sha()}
         if args.out:
@@ -98,6 +108,16 @@ class Bench:
             fn()
             ms = (time.perf_counter() - t) * 1e3
             return ms, ms, ms
+        if self.device == "cpu":  # no CUDA events: wall-clock quantiles over repetitions
+            fn()
+            times, t_end = [], time.perf_counter() + self.args.rep_ms * 1e-3
+            while len(times) < 5 or time.perf_counter() < t_end:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            times.sort()
+            pick = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+            return pick(0.5), pick(0.2), pick(0.8)
         import triton.testing
 
         med, p20, p80 = triton.testing.do_bench(fn, warmup=self.args.warmup_ms,
@@ -155,13 +175,38 @@ def triton_ops(dispatch, device: str) -> tuple[set[str], str]:
 def bench_copy(b: Bench) -> float:
     """Device copy bandwidth, GB/s (bytes read + written)."""
     torch = b.torch
-    n = (1 << 20) if b.smoke else (1 << 29)  # 512 MiB on a GPU: far beyond any cache
+    # 512 MiB on a GPU, 64 MiB on a CPU: far beyond any cache
+    n = (1 << 20) if b.smoke else (1 << 26) if b.device == "cpu" else (1 << 29)
     src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=b.device)
     dst = torch.empty_like(src)
     q = b.time(lambda: dst.copy_(src))
     gbs = 2 * n / (q[0] * 1e-3) / 1e9
     b.record("copy", f"{n >> 20}MiB", "uint8", "torch", q, gbs)
     return gbs
+
+
+def bench_secure_noise(b: Bench, sizes, copy_gbs: float) -> None:
+    """float32 secure normals against torch.randn of the same size: GB/s of noise written
+    (4 bytes per element), beside the copy bandwidth."""
+    torch = b.torch
+    from dpkernels import secure
+
+    ok, why = secure.available()
+    if not ok:
+        print(f"  secure_noise skipped: {why}", flush=True)
+        return
+    key = os.urandom(secure.KEY_BYTES)
+    for name, n in sizes.items():
+        if b.out_of_time():
+            return
+        out = torch.empty(n, device=b.device)
+        ref = torch.empty(n, device=b.device)
+        q_sec = b.time(lambda out=out: secure.secure_normal_(out, key, 0, 1.0))
+        q_ref = b.time(lambda n=n, ref=ref: torch.randn(n, out=ref))
+        gbs = lambda q, n=n: 4 * n / (q[0] * 1e-3) / 1e9
+        b.record("secure_noise", name, "fp32", "chacha20", q_sec, gbs(q_sec),
+                 f"{q_sec[0] / q_ref[0]:.1f}x randn; {gbs(q_sec) / copy_gbs:.2f} of copy")
+        b.record("secure_noise", name, "fp32", "torch.randn", q_ref, gbs(q_ref))
 
 
 def bench_linear(b: Bench, dispatch, shapes, dtypes, have, ops) -> None:
@@ -305,6 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16", help="fp32,bf16 (default both)")
     ap.add_argument("--providers", default="triton,reference",
                     help="triton,reference (default both; the torch baselines always run)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="time secure_noise on the CPU (real timings; the other ops need a "
+                         "GPU or --interpret-smoke)")
     ap.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep-ms", type=float, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--out", default=None,
@@ -317,6 +365,9 @@ def main(argv=None) -> int:
 
     if args.interpret_smoke:
         device = "cpu"
+    elif args.cpu:
+        device = "cpu"
+        args.ops = "secure_noise"
     elif not torch.cuda.is_available():
         print("bench/kernels.py times Triton kernels and needs a CUDA GPU; none is visible "
               "here.\nOn a CPU, `python bench/kernels.py --interpret-smoke` checks that the "
@@ -354,9 +405,13 @@ def main(argv=None) -> int:
     if b.smoke:
         lin, ln, gn, emb, cv = (SMOKE["linear"], SMOKE["layer_norm"], SMOKE["group_norm"],
                                 SMOKE["embedding"], SMOKE["conv"])
+        noise_sizes = SMOKE["secure_noise"]
     else:
         lin, ln, gn, emb, cv = LINEAR, LAYER_NORM, GROUP_NORM, EMBEDDING, CONV
+        noise_sizes = SECURE_NOISE_CPU if device == "cpu" else SECURE_NOISE
     copy_gbs = bench_copy(b)
+    if "secure_noise" in ops:
+        bench_secure_noise(b, noise_sizes, copy_gbs)
     # the reductions first: they are quick, and --time-budget then cuts linear shapes only
     red = [x if n in ops else {} for x, n in ((ln, "layer_norm_psg"), (gn, "group_norm_psg"),
                                              (emb, "embedding_norm"))]

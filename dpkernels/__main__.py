@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "epsilon and the DP / non-private step time",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p_demo)
-    sub.add_parser("info", help="versions, GPU, CUDA extension, and which backend runs "
+    sub.add_parser("info", help="versions, GPU, C++ extension, and which backend runs "
                    "each op (same as python -m dpkernels.info)")
     return parser
 

@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accountant", default=d["accountant"], choices=["pld", "rdp"],
                    help="default %(default)s")
     p.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
+    p.add_argument("--secure-mode", action="store_true",
+                   help="noise from the ChaCha20 CSPRNG (secure_mode=True; needs the C++ "
+                   "extension); --seed then seeds only the data order and the model")
     p.add_argument("--timing-steps", type=count, default=30,
                    help="steps timed for the DP / non-private comparison (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -144,7 +147,7 @@ def time_steps(args, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> 
     dp_opt = dpkernels.make_private(
         private, torch.optim.SGD(private.parameters(), lr=args.lr), noise_multiplier=1.0,
         max_grad_norm=args.max_grad_norm, expected_batch_size=len(x), backend=args.backend,
-        seed=args.seed)
+        **noise_args(args))
 
     def plain_step():
         plain_opt.zero_grad()
@@ -202,7 +205,7 @@ def run(args) -> dict:
     dp_opt = dpkernels.make_private(
         model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0),
         noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
-        expected_batch_size=args.batch_size, backend=args.backend, seed=args.seed)
+        expected_batch_size=args.batch_size, backend=args.backend, **noise_args(args))
     dataset = torch.utils.data.TensorDataset(x_tr.to(device), y_tr.to(device))
     loader = dpkernels.poisson_loader(dataset, q, steps=steps_per_epoch, seed=args.seed,
                                       optimizer=dp_opt)
@@ -235,6 +238,13 @@ def run(args) -> dict:
     print(f"training {train_s:.1f} s, total {total_s:.1f} s")
     return dict(accuracy=acc, epsilon=eps, noise_multiplier=sigma, steps=dp_opt.steps,
                 dp_step_s=dp_s, plain_step_s=plain_s, train_s=train_s, total_s=total_s)
+
+
+def noise_args(args) -> dict:
+    """secure_mode=True refuses a noise seed: the noise key comes from os.urandom."""
+    if getattr(args, "secure_mode", False):
+        return dict(secure_mode=True)
+    return dict(seed=args.seed)
 
 
 @torch.no_grad()

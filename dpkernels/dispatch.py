@@ -66,10 +66,18 @@ def triton_available(device_type: str) -> tuple[bool, str]:
 
 @functools.cache
 def cuda_available() -> tuple[bool, str]:
-    try:
-        from dpkernels import _C  # noqa: F401
-    except Exception:
-        return False, "the CUDA extension (csrc/) is not built"
+    from dpkernels import secure
+
+    ok, why = secure.available()
+    if not ok:
+        return False, f"the C++ extension (csrc/) is not built: {why}"
+    if not secure.with_cuda():
+        return False, "the C++ extension (csrc/) was built without its CUDA kernels"
+    if not any(b == "cuda" for (_, b) in _IMPLS):
+        # auto must keep picking Triton on the GPU: a "cuda" backend without ops would send
+        # every op to the reference
+        return False, ("no DP-SGD op has a CUDA C++ kernel yet (csrc/ ships the secure-noise "
+                       "generator only)")
     return True, ""
 
 

@@ -528,13 +528,19 @@ class Engine:
 
     def fold(self, *, finalize: bool, noise_std: float = 0.0, scale: float = 1.0,
              seeds: Callable[[int], int] | None = None,
-             reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+             reduce: Callable[[torch.Tensor], None] | None = None,
+             noise: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Fold the pending micro-batch into the accumulators; with ``finalize`` also add
         ``noise_std * z`` once per parameter, multiply by ``scale`` and write ``param.grad``.
 
         ``reduce`` (data-parallel training) sums a flat buffer of every clipped sum across
         processes in place before the noise, which is then the same on every process (same
-        seeds), so it is added once to the global sum."""
+        seeds), so it is added once to the global sum.
+
+        ``noise`` (secure mode) replaces ``noise_std``/``seeds``: ``noise(i, acc)`` adds the
+        noise of parameter ``i`` to its unscaled float32/float64 sum in place.  With
+        ``reduce`` it is added before the reduction, by the one process whose ``noise`` draws
+        (the others pass one that adds nothing), so the sum holds it once."""
         if finalize and reduce is not None:
             self.fold(finalize=False)
             trainable = [p for p in self.params if p.requires_grad]
@@ -542,6 +548,10 @@ class Engine:
                 if p not in self.acc:
                     dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                     self.acc[p] = torch.zeros(p.shape, dtype=dt, device=p.device)
+            if noise is not None:
+                for i, p in enumerate(self.params):
+                    if p in self.acc:
+                        noise(i, self.acc[p])
             for dt in {self.acc[p].dtype for p in trainable}:
                 group = [p for p in trainable if self.acc[p].dtype == dt]
                 flat = torch.cat([self.acc[p].reshape(-1) for p in group])
@@ -549,13 +559,14 @@ class Engine:
                 for p, part in zip(group, flat.split([p.numel() for p in group])):
                     self.acc[p].copy_(part.view(self.acc[p].shape))
             # nothing is pending now: the finalising pass only adds noise and scales
-            return self.fold(finalize=True, noise_std=noise_std, scale=scale, seeds=seeds)
+            return self.fold(finalize=True, noise_std=0.0 if noise else noise_std, scale=scale,
+                             seeds=seeds)
         self.generation += 1
         self.root_forwards = 0
         with torch.no_grad():  # gradients are leaves: no micro-batch's graph may stay alive
-            self._fold(finalize, noise_std, scale, seeds)
+            self._fold(finalize, noise_std, scale, seeds, noise)
 
-    def _fold(self, finalize, noise_std, scale, seeds) -> None:
+    def _fold(self, finalize, noise_std, scale, seeds, noise) -> None:
         c = self.clip_factors() if self.uses else None
         if c is not None:
             c = c * self.loss_scale
@@ -605,12 +616,15 @@ class Engine:
                 if acc is None:
                     dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                     acc = torch.zeros(p.shape, dtype=dt, device=p.device)
+                if noise is not None:  # secure noise on the unscaled sum, then the scale
+                    acc = noise(i, acc)
                 noisy.append((p, acc, seeds(i) if seeds is not None else 0))
             elif acc is not None:
                 self.acc[p] = acc
         if noisy:
             # noise once per parameter and the scale, for all parameters in one grouped op
-            accs = self.op("add_noise_many", [a for _, a, _ in noisy], noise_std,
+            accs = self.op("add_noise_many", [a for _, a, _ in noisy],
+                           0.0 if noise is not None else noise_std,
                            [s for _, _, s in noisy], scale)
             for (p, _, _), acc in zip(noisy, accs):
                 p.grad = acc.reshape(p.shape).to(p.dtype)

@@ -1,4 +1,4 @@
-"""``python -m dpkernels.info``: versions, GPU, CUDA extension, and which backend runs each op.
+"""``python -m dpkernels.info``: versions, GPU, C++/CUDA extension, and which backend runs each op.
 
 Never imports triton itself (importing it before ``TRITON_INTERPRET`` is decided would pin
 the wrong mode); the op table loads a backend only where :mod:`dpkernels.dispatch` says it
@@ -41,12 +41,14 @@ def report() -> str:
             lines.append(f"GPU {i}          {torch.cuda.get_device_name(i)} (sm {cap})")
     else:
         lines.append("GPU            none visible to torch")
-    ok, why = dispatch.cuda_available()
-    if not ok and "not built" not in why:
-        why = f"not built ({why})"
-    elif not ok:
-        why = "not built"
-    lines.append(f"CUDA extension {'built' if ok else why}")
+    from dpkernels import secure
+
+    ok, why = secure.available()
+    if ok:
+        kernels = "CPU and CUDA kernels" if secure.with_cuda() else "CPU kernels only"
+        lines.append(f"C++ extension  built ({kernels}): secure_mode=True available")
+    else:
+        lines.append(f"C++ extension  not built, secure_mode=True unavailable: {why}")
     from dpkernels import layers
     from dpkernels.layers import op_rules
 

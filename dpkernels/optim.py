@@ -34,7 +34,19 @@ class DPOptimizer(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         seed: int | None = None,
         distributed: bool = False,
+        secure_mode: bool = False,
     ) -> None:
+        if secure_mode:
+            from dpkernels.secure import require
+
+            if seed is not None:
+                raise ValueError(
+                    "dpkernels: seed is refused with secure_mode=True: secure noise comes from "
+                    "a fresh os.urandom key every step and cannot be reproduced; pass "
+                    "seed=None (or secure_mode=False for reproducible Philox noise)"
+                )
+            require()
+        self.secure_mode = bool(secure_mode)
         if loss_reduction == "mean" and expected_batch_size is None:
             raise ValueError(
                 "expected_batch_size must be a positive number for loss_reduction='mean' "
@@ -249,7 +261,13 @@ class DPOptimizer(torch.optim.Optimizer):
             return derive_seed(self.seed, step, i)
 
         reduce = _all_reduce_sum if self.distributed else None
-        self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds, reduce=reduce)
+        noise = None
+        if self.secure_mode:
+            from dpkernels.secure import StepNoise, no_noise
+
+            noise = StepNoise(std) if _draws_noise(self.distributed) else no_noise
+        self.engine.fold(finalize=True, noise_std=std, scale=scale, seeds=seeds, reduce=reduce,
+                         noise=noise)
         self._check_provenance()
         self.steps += 1
         self._log_step(self.sample_rate)
@@ -431,6 +449,15 @@ def _broadcast_seed(seed: int, params) -> int:
     return int(t.item())
 
 
+def _draws_noise(distributed: bool) -> bool:
+    """Secure noise is drawn by one process (rank 0) and reaches the others through the sum."""
+    if not distributed:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
 def _all_reduce_sum(t: torch.Tensor) -> None:
     import torch.distributed as dist
 
@@ -458,6 +485,7 @@ def make_private(
     sample_rate: float | None = None,
     adaptive_clipping=None,
     clipping: str = "flat",
+    secure_mode: bool = False,
 ) -> DPOptimizer:
     """Attach DP-SGD to ``model`` in place and return the optimizer to step with.
 
@@ -498,6 +526,11 @@ def make_private(
     (groups): each group is clipped to its own bound, the noise std is
     ``noise_multiplier * sqrt(sum C_k^2)``, and each group's clipped sum is formed in the
     backward as soon as its norms are complete, its backprops dropped (dpkernels/per_layer.py).
+
+    ``secure_mode=True``: every noise draw comes from ChaCha20 keyed from ``os.urandom`` each
+    step (``dpkernels.secure``; needs the C++ extension, and raises saying why when it is
+    not built); ``seed`` is refused.  With ``distributed=True`` rank 0 draws the noise and
+    adds it to its clipped sum before the all-reduce.
     """
     calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
                              sample_rate)
@@ -514,7 +547,8 @@ def make_private(
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
                          max_grad_norm=engine.max_grad_norm,
                          expected_batch_size=expected_batch_size,
-                         loss_reduction=loss_reduction, seed=seed, distributed=distributed)
+                         loss_reduction=loss_reduction, seed=seed, distributed=distributed,
+                         secure_mode=secure_mode)
     except Exception:
         engine.detach()
         raise

@@ -138,6 +138,9 @@ def test_kernels_interpret_smoke(tmp_path):
     ops = {r["op"] for r in rows}
     assert {"copy", "weight_grad_gemm"} <= ops
     assert any(r["op"].startswith("linear_norm") and r["provider"] == "reference" for r in rows)
+    if importlib.util.find_spec("dpkernels._C") is not None:  # secure noise: the C++ build
+        assert {r["provider"] for r in rows if r["op"] == "secure_noise"} == {"chacha20",
+                                                                              "torch.randn"}
 
 
 def test_kernels_refuses_without_gpu():

@@ -30,6 +30,27 @@ def test_demo_fixed_noise(capsys):
     assert "epsilon = inf" in capsys.readouterr().out
 
 
+def test_demo_secure_mode(capsys, monkeypatch):
+    """--secure-mode draws every step's noise from the CSPRNG (counted here) and trains."""
+    pytest.importorskip("dpkernels._C", reason="C++ extension not built")
+    from dpkernels import secure
+
+    keys = []
+    real = secure.StepNoise.__init__
+
+    def counting(self, std):
+        real(self, std)
+        keys.append(self._key)
+
+    monkeypatch.setattr(secure.StepNoise, "__init__", counting)
+    main(["demo", "--epochs", "2", "--noise-multiplier", "1", "--timing-steps", "1",
+          "--no-progress", "--secure-mode"])
+    out = capsys.readouterr().out
+    steps = int(re.search(r"([0-9]+) steps, max grad norm", out).group(1))
+    assert len(keys) >= steps and len(set(keys)) == len(keys)  # + the timing steps
+    assert 0.3 < float(re.search(r"test accuracy: ([0-9.]+)", out).group(1)) <= 1.0
+
+
 def test_demo_without_sklearn(monkeypatch):
     from dpkernels import demo
 
