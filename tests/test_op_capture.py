@@ -382,3 +382,48 @@ def test_random_op_on_a_parameter_refused():
     m.eval()
     m(x)  # no randomness in eval mode
     dpkernels.detach(m)
+
+
+def test_batch_sized_shared_table_is_not_taken_for_the_batch():
+    """A module multiplying its parameter by a shared [T, d] table with T == B: the op rule
+    would give row r of the product to sample r (wrong norms, some underestimated).  The
+    per-sample re-run check sends it to the generic fallback, which is exact."""
+    import copy
+    import warnings
+
+    from oracle import oracle, rel_err
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x, table):
+            return x * (table * self.w).sum(0) + x * self.w
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = M()
+            self.table = torch.randn(5, 4, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.m(x, self.table)
+
+    model = Wrap()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+
+    def loss(o, t):
+        return ((o - t) ** 2).sum(1).mean()
+
+    norms, grads, _ = oracle(copy.deepcopy(model), loss, x, y, 1e9, 5, "mean")
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0),
+                                noise_multiplier=0, max_grad_norm=1e9, expected_batch_size=5,
+                                seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss(model(x), y).backward()
+    assert any("does not reproduce its output" in str(w.message) for w in caught)
+    dp.step()
+    assert rel_err(dp.per_sample_norms, norms) <= 1e-10
+    assert rel_err(model.m.w.grad, grads["m.w"]) <= 1e-10

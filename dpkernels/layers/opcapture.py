@@ -273,6 +273,8 @@ class OpCaptureHandler:
     def __init__(self) -> None:
         # modules sent to the generic fallback, with the reason (found at their first forward)
         self.declined: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # module -> input signatures whose batching was verified (see _verify)
+        self.verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def check(self, module: nn.Module, name: str) -> None:
         pass
@@ -290,7 +292,9 @@ class OpCaptureHandler:
             engine.on_forward(name)
             try:
                 with CaptureMode(engine, name, own, type(module).__name__):
-                    return orig(*args, **kwargs)
+                    out = orig(*args, **kwargs)
+                self._verify(engine, module, name, orig, own, args, kwargs, out)
+                return out
             except Decline as e:
                 self.declined[module] = e
                 if name in engine.calls:  # the generic fallback counts this forward itself
@@ -302,6 +306,58 @@ class OpCaptureHandler:
                     stacklevel=3,
                 )
         return generic.HANDLER.forward(engine, module, name, orig, *args, **kwargs)
+
+
+    def _verify(self, engine, module, name, orig, own, args, kwargs, out) -> None:
+        """The op rules give row r of an op's output to sample r.  That holds when the module
+        treats dim 0 of every input of the batch's size as the batch: re-run it per sample
+        with exactly those inputs sliced and compare with the real output (once per module and
+        input signature, the batch size left out so Poisson batches do not re-verify; in eval
+        mode, against an eval-mode run of the whole batch).  A
+        module that reads a batch-sized tensor as shared data (a [T, d] table with T == B)
+        fails this and goes to the generic fallback, which finds its real batching."""
+        flat, spec = tree_flatten((args, kwargs))
+        B = engine.forward_batch
+        tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if B is None:
+            B = tensors[0].shape[0] if tensors else None
+        if not B or B == 1:  # empty batch, or one sample: any assignment is right
+            return
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B
+                   for t in flat]
+        key = tuple((tuple(t.shape[1:]) if b else tuple(t.shape))
+                    if isinstance(t, torch.Tensor) else None for t, b in zip(flat, batched))
+        done = self.verified.setdefault(module, set())
+        if key in done:
+            return
+        leaves, _ = tree_flatten(out)
+        live = [i for i, t in enumerate(leaves)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        params = {n: p.detach() for p, n in own.items()}
+        flat_d = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
+        run = generic._Runner(engine, module, orig, params, flat_d, spec, live)
+        try:
+            # plain forwards (no vjp: it would trip activation checkpointing's saved-tensor
+            # hooks; under no_grad nothing is saved), in eval mode so that dropout and
+            # drop-path draw nothing: the whole batch once, then each sample, compared
+            modes = [(m, m.training) for m in module.modules()]
+            module.eval()
+            try:
+                with torch.no_grad():
+                    full = run.run(params, [False] * len(flat_d), [])
+                    outs = run.per_sample(lambda vals: run.run(params, batched, vals), batched)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            ok = all(generic._match(o, f, B) == 0 for o, f in zip(outs, full))
+        except Exception as e:  # a wrong assignment may fail inside the module
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "its output rows are not its samples"
+        if not ok:
+            raise Decline("batching", "re-running it per sample, with every input of "
+                          f"{B} rows taken as batched, does not reproduce its output ({why})")
+        done.add(key)
 
 
 HANDLER = OpCaptureHandler()
