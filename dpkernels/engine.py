@@ -713,10 +713,10 @@ class _ForwardStart:
             self.engine.on_model_forward()
 
     def __deepcopy__(self, memo):
-        return _ForwardStart(None)
+        return type(self)(None)
 
     def __reduce__(self):
-        return (_ForwardStart, (None,))
+        return (type(self), (None,))
 
 
 class _ForwardEnd(_ForwardStart):
@@ -725,12 +725,6 @@ class _ForwardEnd(_ForwardStart):
     def __call__(self, module, args, output) -> None:
         if self.engine is not None:
             self.engine.on_model_forward_done()
-
-    def __deepcopy__(self, memo):
-        return _ForwardEnd(None)
-
-    def __reduce__(self):
-        return (_ForwardEnd, (None,))
 
 
 class _CapturedForward:
