@@ -30,6 +30,23 @@ def data():
 KW = dict(noise_multiplier=0.7, max_grad_norm=0.2, expected_batch_size=10, backend="reference")
 
 
+def _leave(store, rank, world):
+    """End a worker that succeeded.  Tear down only once every rank has finished every gloo
+    operation: a rank whose last all-reduce returns first would otherwise close its sockets
+    while the peer's side of that collective is still in flight, and gloo's event-loop thread
+    throws where nothing catches it (SIGABRT; gloo issue 155).  A gloo barrier would end on the
+    same race, so the rendezvous goes through the file store, which owns no sockets.  Even
+    then 1 run in 50 died with "terminate called without an active exception": a C++
+    std::thread of the process group destroyed while joinable, in destroy_process_group or the
+    interpreter's static teardown.  Everything the worker reports is saved by now, so it
+    leaves without running that teardown."""
+    store.set(f"done/{rank}", b"1")
+    store.wait([f"done/{r}" for r in range(world)])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank, world, init_file, out_dir, mode):
     sys.path.insert(0, os.path.dirname(__file__))
     store = dist.FileStore(init_file, world)
@@ -50,18 +67,10 @@ def _worker(rank, world, init_file, out_dir, mode):
             dp.step()
             torch.save([p.grad for p in m.parameters()], f"{out_dir}/r{rank}s{step}.pt")
             dp.zero_grad()
-        # Tear down only once every rank has finished every gloo operation.  A rank whose
-        # last all-reduce returns first would otherwise close its sockets while the peer's
-        # side of that collective (its last writes, or reads not yet drained) is still in
-        # flight on the pair; gloo's event-loop thread then meets a closed or reset socket
-        # mid-operation and throws where nothing catches it: std::terminate, SIGABRT in the
-        # worker (gloo issue 155: a barrier followed by context destruction fails some
-        # participants).  A gloo barrier would end on the same race, so the rendezvous goes
-        # through the file store, which owns no sockets.
-        store.set(f"done/{rank}", b"1")
-        store.wait([f"done/{r}" for r in range(world)])
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave(store, rank, world)
 
 
 @pytest.mark.parametrize("mode", ["fast", "low-memory"])
@@ -99,8 +108,8 @@ def test_distributed_needs_init():
 
 def _secure_worker(rank, world, init_file, out_dir, steps):
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    store = dist.FileStore(init_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         secure_m, clean_m = model(), model()
         secure_dp = dpkernels.make_private(
@@ -121,8 +130,10 @@ def _secure_worker(rank, world, init_file, out_dir, steps):
                 dp.zero_grad()
             noise.append(grads[0] - grads[1])
         torch.save(torch.stack(noise), f"{out_dir}/secure{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave(store, rank, world)
 
 
 def test_secure_mode_noise_drawn_once_and_shared(tmp_path):
