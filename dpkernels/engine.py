@@ -25,7 +25,14 @@ from torch import nn
 
 from dpkernels import dispatch
 from dpkernels.layers import find_handler, refuse
-from dpkernels.layers.base import Use, cancellation_bounds, cross, cross_error
+from dpkernels.layers.base import (
+    UNIT_ROUNDOFF,
+    Use,
+    cancellation_bounds,
+    cross,
+    cross_error,
+    stacked_bounds,
+)
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -88,6 +95,13 @@ class Engine:
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self._err_terms: list = []  # (S, kappa, T, norm_sq) per use: see err_sq
         self._err_parts: list[torch.Tensor] = []  # cross-term bounds
+        # Deferred bounds (fast mode): the magnitudes of all uses with ``magnitude_operands``
+        # are taken at clip time in one grouped op (``magnitude_many``), rows of it in order:
+        self._mag_items: list[tuple] = []  # (a | None, g) per row
+        # id(use) -> (row, unit roundoff); the use is kept in self.uses until they are taken
+        self._mag_rows: dict[int, tuple[int, float]] = {}
+        self._err_own: list[tuple] = []  # (row, kappa u, (T + 16) u, norm_sq): stacked_bounds
+        self._err_cross: list[tuple] = []  # (row, row', 2 max(kappa, kappa') u)
         self.batch_size: int | None = None
         self.first_module: str | None = None
         # The micro-batch size of the forward pass in progress, from the first captured input
@@ -376,18 +390,52 @@ class Engine:
 
     def _add_norm(self, p: nn.Parameter, use: Use, earlier: list[Use]) -> None:
         """``use``'s squared norm and its cross terms with the ``earlier`` uses of ``p``, with
-        what bounds their cancellation error, handed to ``add_norm``."""
+        what bounds their cancellation error, handed to ``add_norm`` (or, in the fast mode,
+        deferred to ``err_sq``: one grouped pass over the magnitudes of all uses)."""
         own = use.raw_norm(self.op)
         contrib = own
-        terms = use.error_terms()
         use.norm_sq = own
+        # deferred only where the use is kept until clip time anyway (not in the low-memory
+        # mode's norms pass), and for engines that take every bound at clip time
+        defer = self.phase is None and self.defer_norm_rows
+        terms = None
+        mine = self._magnitude_row(use) if defer else None
+        if mine is not None:
+            k = use.bound_constants()
+            if k is not None:
+                self._err_own.append((mine[0], k[0] * mine[1], (k[1] + 16) * mine[1], own))
+        else:
+            terms = use.error_terms()
         cross_err = None
         for u in earlier:
             contrib = contrib + 2.0 * cross(u, use, self.op)
+            theirs = self._magnitude_row(u) if mine is not None else None
+            if theirs is not None:
+                # the larger unit roundoff of the two: never looser than cross_error's
+                self._err_cross.append((theirs[0], mine[0], 2.0 * max(u.kappa(), use.kappa())
+                                        * max(theirs[1], mine[1])))
+                continue
             e = cross_error(u, use, u.norm_sq, own)
             if e is not None:
                 cross_err = e if cross_err is None else cross_err + e
         self.add_norm(p, contrib, None if terms is None else (*terms, own), cross_err)
+
+    def _magnitude_row(self, use: Use) -> tuple[int, float] | None:
+        """(``use``'s row in the deferred magnitudes, the unit roundoff of its bound), or None
+        when it has no ``magnitude_operands``."""
+        known = self._mag_rows.get(id(use))
+        if known is not None:
+            return known
+        ops = use.magnitude_operands()
+        if ops is None:
+            return None
+        a, g = ops
+        dt = torch.promote_types(g.dtype, torch.float32)
+        if a is not None:
+            dt = torch.promote_types(dt, a.dtype)
+        known = self._mag_rows[id(use)] = (len(self._mag_items), UNIT_ROUNDOFF.get(dt, 2.0**-24))
+        self._mag_items.append(ops)
+        return known
 
     def add_norm(self, p: nn.Parameter, contrib: torch.Tensor, terms: tuple | None,
                  cross_err: torch.Tensor | None) -> None:
@@ -454,6 +502,7 @@ class Engine:
         self.uses = {}
         self.norm_sq = None
         self._err_terms, self._err_parts = [], []
+        self._mag_items, self._mag_rows, self._err_own, self._err_cross = [], {}, [], []
         self.batch_size = None
         self.first_module = None
         self.bad_samples = None
@@ -494,8 +543,13 @@ class Engine:
         parts = list(self._err_parts)
         if self._err_terms:
             parts.append(cancellation_bounds(self._err_terms))
+        if self._err_own or self._err_cross:
+            M = self.op("magnitude_many", self._mag_items)  # [rows, B]
+            parts.append(stacked_bounds(M, self._err_own, self._err_cross))
         if not parts:
             return None
+        if len(parts) == 1:
+            return parts[0]
         return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
 
     def clip_factors(self) -> torch.Tensor | None:

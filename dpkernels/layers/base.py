@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from dpkernels.reference import bounds as ref_bounds
+
 Op = Callable[..., torch.Tensor]
 
 # Unit roundoff of the dtype a norm accumulates in (16-bit inputs accumulate in float32).
@@ -59,6 +61,38 @@ def cancellation_bounds(terms: list) -> torch.Tensor:
     return torch.maximum(ghost, direct).sum(1)
 
 
+def stacked_bounds(M: torch.Tensor, own: list, cross_terms: list) -> torch.Tensor:
+    """[B] summed error bounds, the same as ``cancellation_bounds`` and ``cross_error``, for
+    uses whose magnitudes are rows of ``M`` [R, B] (all uses of a micro-batch, one grouped op):
+    ``own`` (row, kappa u, (T + 16) u, norm_sq [B]) per use, ``cross_terms`` (row, row',
+    2 max(kappa, kappa') u) per pair of uses of one parameter.  A few launches in all."""
+    parts = []
+    if own:
+        rows = [r for r, _, _, _ in own]
+        if rows == list(range(M.shape[0])):
+            S = M
+        else:
+            S = M.index_select(0, torch.tensor(rows, dtype=torch.long).to(M.device,
+                                                                          non_blocking=True))
+        dt = M.dtype
+        for _, _, _, n in own:
+            dt = torch.promote_types(dt, n.dtype)
+        S = S.to(dt)
+        consts = torch.tensor([[k, c] for _, k, c, _ in own], dtype=dt).to(M.device,
+                                                                          non_blocking=True)
+        n = torch.stack([n.to(dt) for _, _, _, n in own]).clamp_min(0).sqrt()
+        ghost = consts[:, :1] * S * S
+        e = consts[:, 1:] * S
+        direct = (2.0 * n + e) * e  # (n + e)^2 - n^2
+        parts.append(torch.maximum(ghost, direct).sum(0))
+    for r, r2, k in cross_terms:
+        parts.append(k * M[r] * M[r2])
+    out = parts[0]
+    for t in parts[1:]:
+        out = out + t.to(out.dtype)
+    return out
+
+
 class Use:
     # Names of the attributes that hold per-sample tensors, batch first (a ``[B, ...]`` tensor
     # per sample row).  ``None``: every floating tensor attribute is one (the contract for a
@@ -98,6 +132,18 @@ class Use:
     def error_terms(self) -> tuple[torch.Tensor, int, int] | None:
         """``(S [B, G], kappa, T)`` for the cancellation bound of this use's norm
         (``cancellation_bounds``), or None when there is no cancellation to bound."""
+        return None
+
+    def magnitude_operands(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """``(a | None, g)`` ([B, T, d], [B, T, p]) with ``magnitude() = sum_t |a_t| |g_t|``
+        (None: ``|a_t| = 1``), so that the engine takes the magnitudes of all uses of a
+        micro-batch in one grouped op (``magnitude_many``); None when there is no such form
+        (``magnitude`` and ``error_terms`` are then called per use)."""
+        return None
+
+    def bound_constants(self) -> tuple[int, int] | None:
+        """``(kappa, T)`` of ``error_terms`` (one group) without computing ``S``; None when
+        there is no cancellation to bound.  Only for uses with ``magnitude_operands``."""
         return None
 
     def raw_dense(self, op: Op) -> torch.Tensor:
@@ -177,19 +223,23 @@ class LinearUse(Use):
         return op("linear_norm", self.a, self.g, self.method)
 
     def magnitude(self) -> torch.Tensor:
-        dt = torch.promote_types(self.a.dtype, torch.float32)
-        na = torch.linalg.vector_norm(self.a, dim=-1, dtype=dt)  # [B, T]
-        ng = torch.linalg.vector_norm(self.g, dim=-1, dtype=dt)
-        return torch.bmm(na.unsqueeze(1), ng.unsqueeze(2)).view(-1)
+        return ref_bounds.magnitude(self.a, self.g)
+
+    def magnitude_operands(self):
+        return self.a, self.g
 
     def kappa(self) -> int:
         return self.a.shape[-1] + self.g.shape[-1] + 2 * self.a.shape[1] + 16
 
-    def error_terms(self):
+    def bound_constants(self):
         T = self.a.shape[1]
         if T <= 1:  # ||a||^2 ||g||^2: products of sums of squares, no cancellation
             return None
-        return self.magnitude().unsqueeze(1), self.kappa(), T
+        return self.kappa(), T
+
+    def error_terms(self):
+        k = self.bound_constants()
+        return None if k is None else (self.magnitude().unsqueeze(1), *k)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.a.dtype, torch.float32)
@@ -220,16 +270,22 @@ class BiasUse(Use):
         return op("linear_bias_norm", self.g)
 
     def magnitude(self) -> torch.Tensor:
-        dt = torch.promote_types(self.g.dtype, torch.float32)
-        return torch.linalg.vector_norm(self.g, dim=-1, dtype=dt).sum(1)
+        return ref_bounds.magnitude(None, self.g)
+
+    def magnitude_operands(self):
+        return None, self.g
 
     def kappa(self) -> int:
         return self.g.shape[-1] + 2 * self.g.shape[1] + 16
 
-    def error_terms(self):
+    def bound_constants(self):
         if self.g.shape[1] <= 1:
             return None
-        return self.magnitude().unsqueeze(1), self.kappa(), self.g.shape[1]
+        return self.kappa(), self.g.shape[1]
+
+    def error_terms(self):
+        k = self.bound_constants()
+        return None if k is None else (self.magnitude().unsqueeze(1), *k)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         return self.g.to(torch.promote_types(self.g.dtype, torch.float32)).sum(1)

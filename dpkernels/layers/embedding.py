@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkernels.layers.base import LinearUse, Op, Use
+from dpkernels.reference import bounds as ref_bounds
 
 
 class EmbeddingUse(Use):
@@ -30,18 +31,23 @@ class EmbeddingUse(Use):
         return op("embedding_norm", self.ids, self.g, self.padding_idx)
 
     def magnitude(self) -> torch.Tensor:
-        g = self.masked_g()
-        dt = torch.promote_types(g.dtype, torch.float32)
-        return torch.linalg.vector_norm(g, dim=-1, dtype=dt).sum(1)
+        return ref_bounds.magnitude(None, self.masked_g())
+
+    def magnitude_operands(self):
+        return None, self.masked_g()
 
     def kappa(self) -> int:
         return self.g.shape[-1] + 2 * self.g.shape[1] + 16
 
-    def error_terms(self):
+    def bound_constants(self):
         T = self.g.shape[1]
         if T <= 1:
             return None
-        return self.magnitude().unsqueeze(1), self.kappa(), T
+        return self.kappa(), T
+
+    def error_terms(self):
+        k = self.bound_constants()
+        return None if k is None else (self.magnitude().unsqueeze(1), *k)
 
     def masked_g(self) -> torch.Tensor:
         """``g`` with the padding positions zeroed (for ops that take no padding_idx)."""

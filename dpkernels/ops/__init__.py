@@ -1,4 +1,4 @@
 """Triton kernels, one op family per file; importing this package registers them with
 :mod:`dpkernels.dispatch` under the ``"triton"`` backend."""
 
-from dpkernels.ops import conv, dense, embedding, linear, norms  # noqa: F401
+from dpkernels.ops import bounds, conv, dense, embedding, linear, norms  # noqa: F401

@@ -1,0 +1,84 @@
+"""Magnitudes ``S_b = sum_t |a_t| |g_t|`` for the cancellation bounds (layers/base.py) of every
+use of a micro-batch in one launch (one per pair of input dtypes), instead of two row-norm
+passes and a product per use."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkernels.dispatch import register
+from dpkernels.ops._common import INTERPRET, check_float, use_reference
+from dpkernels.reference import bounds as ref
+
+_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _row_norms(x_ptr, sxb, sxt, sxk, b, t, mt, K, BLOCK_T: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """[BLOCK_T] float32 ``|x[b, t, :]|``."""
+    acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + k[None, :] * sxk,
+                    mask=mt[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+        acc += x * x
+    return tl.sqrt(tl.sum(acc, axis=1))
+
+
+@triton.jit
+def _magnitude_many_kernel(table_ptr, part_ptr, B, n_tb, A_TYPE: tl.constexpr,
+                           G_TYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``part[k, b, j] = sum_{t in block j} |a[b, t]| |g[b, t]|`` for the input in table row
+    ``program_id(0)``, sample ``program_id(1)``, t-block ``program_id(2)``; 0 past T.  A row
+    holds a's address, strides and width d, whether there is an a (none: ``|a_t| = 1``), g's
+    address, strides and width p, T and the output row k."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 13
+    b = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2).to(tl.int64)
+    T = tl.load(row + 11)
+    k = tl.load(row + 12)
+    s = 0.0
+    if j * BLOCK_T < T:
+        t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        mt = t < T
+        g_ptr = tl.load(row + 6).to(tl.pointer_type(G_TYPE))
+        n = _row_norms(g_ptr, tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), b, t, mt,
+                       tl.load(row + 10), BLOCK_T, BLOCK_K)
+        if tl.load(row + 5) != 0:
+            a_ptr = tl.load(row + 0).to(tl.pointer_type(A_TYPE))
+            n = n * _row_norms(a_ptr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), b,
+                               t, mt, tl.load(row + 4), BLOCK_T, BLOCK_K)
+        s = tl.sum(tl.where(mt, n, 0.0), axis=0)
+    tl.store(part_ptr + (k * B + b) * n_tb + j, s)
+
+
+@register("magnitude_many", "triton")
+def magnitude_many(items: list) -> torch.Tensor:
+    """[len(items), B] float32 ``sum_t |a_t| |g_t|`` of every ``(a | None, g)`` of ``items``
+    (a [B, T, d], g [B, T, p]; None: ``sum_t |g_t|``): one launch per pair of input dtypes
+    over a table of addresses and strides, then one sum over the t-blocks."""
+    B = ref.check_items("magnitude_many", items)
+    if any(use_reference(a, g) for a, g in items):
+        return ref.magnitude_many(items)
+    g0 = items[0][1]
+    BLOCK_T, BLOCK_K = (4, 16) if INTERPRET else (16, 128)
+    n_tb = max(triton.cdiv(g.shape[1], BLOCK_T) for _, g in items)
+    if B == 0 or n_tb == 0:
+        return torch.zeros(len(items), B, dtype=torch.float32, device=g0.device)
+    part = torch.empty(len(items), B, n_tb, dtype=torch.float32, device=g0.device)
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, (a, g) in enumerate(items):
+        check_float("magnitude_many", g, *([] if a is None else [a]))
+        x = g if a is None else a
+        groups.setdefault((x.dtype, g.dtype), []).append([
+            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.shape[2], int(a is not None),
+            g.data_ptr(), g.stride(0), g.stride(1), g.stride(2), g.shape[2], g.shape[1], i])
+    for (adt, gdt), rows in groups.items():
+        table = torch.tensor(rows, dtype=torch.int64).to(g0.device, non_blocking=True)
+        _magnitude_many_kernel[(len(rows), B, n_tb)](
+            table_ptr=table, part_ptr=part, B=B, n_tb=n_tb, A_TYPE=_TYPES[adt],
+            G_TYPE=_TYPES[gdt], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+    return part.sum(-1)

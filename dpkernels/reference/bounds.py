@@ -1,0 +1,47 @@
+"""Magnitudes ``S_b = sum_t |a_t| |g_t|`` of per-sample gradients that are sums over
+positions: what the cancellation bound of a norm is relative to (layers/base.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from dpkernels.dispatch import register
+
+
+def magnitude(a: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """[B] ``sum_t |a_t| |g_t|`` for ``a`` [B, T, d] (None: ``|a_t| = 1``), ``g`` [B, T, p];
+    float32 (float64 for float64 inputs)."""
+    dt = torch.promote_types(g.dtype if a is None else torch.promote_types(a.dtype, g.dtype),
+                             torch.float32)
+    ng = torch.linalg.vector_norm(g, dim=-1, dtype=dt)  # [B, T]
+    if a is None:
+        return ng.sum(1)
+    na = torch.linalg.vector_norm(a, dim=-1, dtype=dt)
+    return torch.bmm(na.unsqueeze(1), ng.unsqueeze(2)).view(-1)
+
+
+def check_items(name: str, items: list) -> int:
+    """The batch size of ``items`` [(a | None, g), ...], checked."""
+    if not items:
+        raise ValueError(f"dpkernels.ops.{name}: no inputs")
+    B = items[0][1].shape[0]
+    for i, (a, g) in enumerate(items):
+        if g.dim() != 3 or g.shape[0] != B or (
+                a is not None and (a.dim() != 3 or a.shape[:2] != g.shape[:2])):
+            raise ValueError(
+                f"dpkernels.ops.{name}: input {i} has shapes "
+                f"{None if a is None else tuple(a.shape)} and {tuple(g.shape)}, expected "
+                f"a [{B}, T, d] (or None) and g [{B}, T, p]")
+    return B
+
+
+@register("magnitude_many", "reference")
+def magnitude_many(items: list) -> torch.Tensor:
+    """[len(items), B] ``magnitude(a, g)`` of every ``(a | None, g)`` of ``items``, in the
+    widest dtype among them (float32 unless one is float64)."""
+    check_items("magnitude_many", items)
+    rows = [magnitude(a, g) for a, g in items]
+    dt = rows[0].dtype
+    for r in rows[1:]:
+        dt = torch.promote_types(dt, r.dtype)
+    return torch.stack([r.to(dt) for r in rows])
