@@ -1,8 +1,10 @@
 """LayerNorm, RMSNorm, GroupNorm, InstanceNorm1d/2d/3d: materialised per-sample gradients of
 the affine parameters (they are as small as the parameters), dense ops for the rest.
 
-The backward recomputes the norm on the saved input and differentiates it with autograd for
-the input gradient (exactly torch's own rule), and records ``DenseUse``s built by the
+LayerNorm's forward is ``torch.native_layer_norm``, and its backward gets the input gradient
+from the saved mean and rstd with torch's own ``native_layer_norm_backward`` (no recomputed
+forward); the others recompute the norm on the saved input and differentiate it with autograd
+(exactly torch's own rule).  All record ``DenseUse``s built by the
 ``*_psg`` ops from (input, backprop).  Under autocast the norm runs in float32 like torch's
 ``layer_norm`` and ``group_norm`` do; the input is kept in its own dtype for the backward.
 """
@@ -27,24 +29,36 @@ def _cast(dt, *ts):
 
 class _NormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, fn, dt, record):
+    def forward(ctx, x, weight, bias, fn, dt, record, ln=None):
+        ctx.fn, ctx.dt, ctx.record, ctx.ln = fn, dt, record, ln
+        if ln is not None:
+            # LayerNorm: torch's own forward, whose saved mean and rstd give the input
+            # gradient in the backward without recomputing the forward
+            xc, wc, bc = _cast(dt, x, weight, bias)
+            out, mean, rstd = torch.native_layer_norm(xc, ln[0], wc, bc, ln[1])
+            ctx.save_for_backward(x, weight, bias, mean, rstd)
+            return out
         ctx.save_for_backward(x, weight, bias)
-        ctx.fn, ctx.dt, ctx.record = fn, dt, record
         return fn(*_cast(dt, x, weight, bias))
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, *stats = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
             xc, wc, bc = _cast(ctx.dt, x.detach(), weight, bias)
-            with torch.enable_grad():
-                xr = xc.detach().requires_grad_()
-                out = ctx.fn(xr, *(t.detach() if t is not None else None for t in (wc, bc)))
-                (gx,) = torch.autograd.grad(out, xr, g)
+            if ctx.ln is not None:  # torch's rule on the saved statistics (autograd's own)
+                gx = torch.ops.aten.native_layer_norm_backward(
+                    g, xc, ctx.ln[0], *stats, wc, bc, [True, False, False])[0]
+            else:
+                with torch.enable_grad():
+                    xr = xc.detach().requires_grad_()
+                    out = ctx.fn(xr, *(t.detach() if t is not None else None
+                                       for t in (wc, bc)))
+                    (gx,) = torch.autograd.grad(out, xr, g)
             gx = gx.to(x.dtype)
         ctx.record(x, g)
-        return gx, None, None, None, None, None
+        return gx, None, None, None, None, None, None
 
 
 class _NormHandler:
@@ -92,7 +106,12 @@ class _NormHandler:
             dt = torch.promote_types(x.dtype, torch.float32)
         off = torch.autocast(x.device.type, enabled=False)
         with off if dt is not None else contextlib.nullcontext():
-            return _NormFn.apply(x, w, b, self.fn(module), dt, record)
+            return _NormFn.apply(x, w, b, self.fn(module), dt, record, self.stats(module))
+
+    def stats(self, module):
+        """(normalized_shape, eps) where the forward is ``torch.native_layer_norm`` (its
+        saved statistics then give the input gradient), else None (recomputed forward)."""
+        return None
 
     def _batch_error(self, name: str, x: torch.Tensor, expected: str) -> ValueError:
         return ValueError(
@@ -113,6 +132,9 @@ class LayerNormHandler(_NormHandler):
     def fn(self, module):
         shape, eps = module.normalized_shape, module.eps
         return lambda x, w, b: F.layer_norm(x, shape, w, b, eps)
+
+    def stats(self, module):
+        return list(module.normalized_shape), module.eps
 
     def psg(self, engine, module, x, g, need_weight, need_bias):
         return engine.op("layer_norm_psg", x, g, module.normalized_shape, module.eps,
