@@ -33,6 +33,7 @@ from dpkernels.layers.base import (
     cross_error,
     stacked_bounds,
 )
+from dpkernels.reference import bounds as ref_bounds
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -555,16 +556,19 @@ class Engine:
     def clip_factors(self) -> torch.Tensor | None:
         if self.norm_sq is None:
             return None
-        norms, bound = norm_bound(self.norm_sq, self.err_sq(), self.loss_scale)
+        norm_sq = self.norm_sq
+        # norms, factors min(C / (bound + 1e-6), 1) from the bound of norm_bound, in one op
+        # (one launch on the Triton backend).  A sample whose gradient is not finite (NaN/inf
+        # loss, overflow) gets c_b = 0: its contribution then has norm 0 <= C, and its rows
+        # are zeroed before the clipped sums (0 * NaN would still be NaN).  One host sync per
+        # micro-batch (whether there is any).
+        norms, factors, all_finite = self.op("clip_factors", norm_sq, self.err_sq(),
+                                        self.loss_scale,
+                                        NORM_MARGIN.get(norm_sq.dtype, 2.0**-16),
+                                        self.max_grad_norm)
         self.last_norms = norms
-        factors = (self.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
-        # A sample whose gradient is not finite (NaN/inf loss, overflow) gets c_b = 0: its
-        # contribution then has norm 0 <= C, and its rows are zeroed before the clipped sums
-        # (0 * NaN would still be NaN).  One host sync per micro-batch.
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):
-            bad = ~finite
-            factors = torch.where(bad, torch.zeros_like(factors), factors)
+        if not bool(all_finite):
+            bad = ~torch.isfinite(norms)
             self.bad_samples = bad
             idx = bad.nonzero().flatten().tolist()
             self.nonfinite_samples += len(idx)
@@ -718,12 +722,8 @@ def norm_bound(norm_sq: torch.Tensor, err_sq: torch.Tensor | None,
     """[B] norms from raw squared norms, and an upper bound of the exact norms for the clip
     factors: the cancellation bound on the squared norm (layers/base.py), then the relative
     margin for the remaining (cancellation-free) rounding."""
-    norm_sq = norm_sq.detach().clamp_min(0)
-    norms = norm_sq.sqrt() * loss_scale
-    if err_sq is not None:
-        norm_sq = norm_sq + err_sq.detach().to(norm_sq.dtype)
-    bound = (norm_sq.sqrt() * loss_scale) * (1.0 + NORM_MARGIN.get(norms.dtype, 2.0**-16))
-    return norms, bound
+    return ref_bounds.norm_bound(norm_sq, err_sq, loss_scale,
+                                 NORM_MARGIN.get(norm_sq.dtype, 2.0**-16))
 
 
 def _splitmix64(x: int) -> int:

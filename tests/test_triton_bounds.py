@@ -67,3 +67,29 @@ def test_magnitude_many_float64_is_the_reference():
 def test_magnitude_many_resolves_to_triton():
     fn, backend = dispatch.resolve("magnitude_many", "triton", DEVICE)
     assert backend == "triton" and fn.__module__.startswith("dpkernels.ops")
+
+
+@pytest.mark.parametrize("with_err", [True, False])
+@pytest.mark.parametrize("B", [0, 5, 1500])  # 1500: more than one block of the loop
+def test_clip_factors_matches_the_reference_exactly(with_err, B):
+    """The fused clip factors are the reference's float32 arithmetic: NaN, infinities, zeros
+    and whether every norm is finite must agree exactly.  Values: each output is at most four
+    float32 operations (sqrt, two products, a division), each within 1 ulp in the kernel
+    (correctly rounded) and in torch (its CPU sqrt is not always correctly rounded), so they
+    may differ by 8 eps32 relatively; the 2^-16 margin of the bound is 2^8 times wider."""
+    torch.manual_seed(B)
+    nsq = torch.randn(B).abs() * 10.0 ** torch.randint(-8, 8, (B,)).float()
+    err = torch.rand(B) * 1e-3
+    if B >= 5:
+        nsq[:5] = torch.tensor([float("nan"), float("inf"), -1e-9, 0.0, 1e30])
+        err[3] = float("nan")  # a NaN bound with a finite norm: NaN factor, like torch
+    e = err if with_err else None
+    for scale in (1.0, 37.0):
+        n, f, ok = bounds.clip_factors(nsq, e, scale, 2.0**-16, 0.7)
+        rn, rf, rok = ref.clip_factors(nsq, e, scale, 2.0**-16, 0.7)
+        for out, want in ((n, rn), (f, rf)):
+            assert torch.equal(out.isnan(), want.isnan())
+            assert torch.equal(out.isinf(), want.isinf()) and torch.equal(out == 0, want == 0)
+            torch.testing.assert_close(out, want, rtol=8 * 2.0**-24, atol=0, equal_nan=True)
+        assert ok.dtype == rok.dtype == torch.bool and ok.dim() == 0
+        assert bool(ok) == bool(rok) == (B < 5)

@@ -82,3 +82,52 @@ def magnitude_many(items: list) -> torch.Tensor:
             table_ptr=table, part_ptr=part, B=B, n_tb=n_tb, A_TYPE=_TYPES[adt],
             G_TYPE=_TYPES[gdt], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
     return part.sum(-1)
+
+
+@triton.jit
+def _clip_factors_kernel(nsq_ptr, err_ptr, norms_ptr, fac_ptr, ok_ptr, B, loss_scale,
+                         one_plus_margin, max_grad_norm, HAS_ERR: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """One program: the reference ``clip_factors`` (norm_bound, then C / (bound + 1e-6) capped
+    at 1, 0 for a non-finite norm) in float32 with correctly rounded sqrt and division, NaN
+    kept where torch keeps it; ``ok``: whether every norm is finite."""
+    cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        m = b < B
+        n = tl.load(nsq_ptr + b, mask=m, other=0.0)
+        n = tl.where(n < 0.0, 0.0, n)  # clamp_min(0), NaN stays NaN
+        norms = tl.sqrt_rn(n) * loss_scale
+        if HAS_ERR:
+            n = n + tl.load(err_ptr + b, mask=m, other=0.0)
+        bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
+        fac = tl.div_rn(tl.full([BLOCK], max_grad_norm, tl.float32), bound + 1e-6)
+        fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
+        finite = (norms == norms) & (tl.abs(norms) != float("inf"))
+        fac = tl.where(finite, fac, 0.0)
+        cnt += tl.where(m & (finite == 0), 1, 0)
+        tl.store(norms_ptr + b, norms, mask=m)
+        tl.store(fac_ptr + b, fac, mask=m)
+    tl.store(ok_ptr, tl.sum(cnt, axis=0) == 0)
+
+
+@register("clip_factors", "triton")
+def clip_factors(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale: float,
+                 margin: float, max_grad_norm: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference ``clip_factors`` in one launch (float32 norms; others: the reference)."""
+    if norm_sq.dtype != torch.float32 or norm_sq.dim() != 1 or (
+            err_sq is not None and (err_sq.dtype != torch.float32
+                                    or err_sq.shape != norm_sq.shape)):
+        return ref.clip_factors(norm_sq, err_sq, loss_scale, margin, max_grad_norm)
+    B = norm_sq.shape[0]
+    norm_sq = norm_sq.detach().contiguous()
+    err = norm_sq if err_sq is None else err_sq.detach().contiguous()
+    norms = torch.empty(B, dtype=torch.float32, device=norm_sq.device)
+    factors = torch.empty(B, dtype=torch.float32, device=norm_sq.device)
+    ok = torch.empty((), dtype=torch.bool, device=norm_sq.device)
+    _clip_factors_kernel[(1,)](
+        nsq_ptr=norm_sq, err_ptr=err, norms_ptr=norms, fac_ptr=factors, ok_ptr=ok, B=B,
+        loss_scale=float(loss_scale), one_plus_margin=1.0 + float(margin),
+        max_grad_norm=float(max_grad_norm), HAS_ERR=err_sq is not None, BLOCK=1024)
+    return norms, factors, ok

@@ -45,3 +45,29 @@ def magnitude_many(items: list) -> torch.Tensor:
     for r in rows[1:]:
         dt = torch.promote_types(dt, r.dtype)
     return torch.stack([r.to(dt) for r in rows])
+
+
+def norm_bound(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale: float,
+               margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] norms from raw squared norms, and an upper bound of the exact norms for the clip
+    factors: the cancellation bound ``err_sq`` on the squared norm (layers/base.py), then the
+    relative ``margin`` for the remaining (cancellation-free) rounding."""
+    norm_sq = norm_sq.detach().clamp_min(0)
+    norms = norm_sq.sqrt() * loss_scale
+    if err_sq is not None:
+        norm_sq = norm_sq + err_sq.detach().to(norm_sq.dtype)
+    bound = (norm_sq.sqrt() * loss_scale) * (1.0 + margin)
+    return norms, bound
+
+
+@register("clip_factors", "reference")
+def clip_factors(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale: float,
+                 margin: float, max_grad_norm: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([B] norms, [B] clip factors ``min(C / (bound + 1e-6), 1)``, 0 where the norm is not
+    finite, a 0-dim bool: every norm finite) from [B] raw squared norms (``norm_bound``)."""
+    norms, bound = norm_bound(norm_sq, err_sq, loss_scale, margin)
+    factors = (max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
+    finite = torch.isfinite(norms)
+    factors = torch.where(finite, factors, torch.zeros_like(factors))
+    return norms, factors, finite.all()
