@@ -2,11 +2,11 @@
 non-private step of the same model (Triton launches and kernel-launching torch ops, counted by
 tracing one step with fake tensors, launchers sizing for an H200 without launching; no GPU).
 
-The budgets are what a step launches with the grouped fold (2026-12-02, on main c787841:
-gpt-tiny fp32 +333, bf16 +340, mlp-tiny +24).  Most of it is the cancellation bounds' small
-torch ops (c787841 added ~14 launches per Linear use: gpt-tiny +53 / +33 / +22 on b220606 just
-before it; main at 30526b8: +110, +90, +19); fusing them into the norm kernels is the next
-step, and lowers these budgets.  A change that adds
+The budgets are what a step launches with the cancellation bounds deferred to one grouped
+magnitude op and one stacked pass, the clip factors in one op and LayerNorm's input gradient
+from its saved statistics (2026-12-05, branch h-launches: gpt-tiny fp32 +51, bf16 +33, mlp-tiny
++10; main c0e84a7 before it: +333 / +340 / +24 budgets, the bounds' small torch ops costing
+~4 launches per use).  A change that adds
 launches per layer fails here; lower a budget when launches are removed, never raise it
 without saying why in the commit.
 """
@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET = {("gpt-tiny", "fp32"): 333, ("gpt-tiny", "bf16"): 340, ("mlp-tiny", "fp32"): 24}
+BUDGET = {("gpt-tiny", "fp32"): 51, ("gpt-tiny", "bf16"): 33, ("mlp-tiny", "fp32"): 10}
 
 
 def test_launch_budget(tmp_path):
