@@ -25,7 +25,7 @@ def _row_norms(x_ptr, sxb, sxt, sxk, b, t, mt, K, BLOCK_T: tl.constexpr,
         x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + k[None, :] * sxk,
                     mask=mt[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
         acc += x * x
-    return tl.sqrt(tl.sum(acc, axis=1))
+    return tl.sqrt_rn(tl.sum(acc, axis=1))
 
 
 @triton.jit
