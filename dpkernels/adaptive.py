@@ -130,5 +130,37 @@ class AdaptiveClipping:
         optimizer.max_grad_norm = new
 
     def state_dict(self) -> dict:
+        """The settings and the last noisy fraction (C itself is ``dp_opt.max_grad_norm``,
+        saved by ``dp_opt.state_dict()``, which holds this too)."""
         return {"target_quantile": self.target_quantile, "learning_rate": self.learning_rate,
                 "count_noise_std": self.count_noise_std, "last_fraction": self.last_fraction}
+
+    def check_state(self, state: dict, noise_multiplier: float,
+                    expected_batch_size: float | None) -> dict:
+        """``state`` validated (for ``dp_opt.load_state_dict``, which then calls
+        ``load_state``): the checkpoint's settings replace this object's, so they are checked
+        as the constructor and ``attach`` check them, against the checkpoint's sigma."""
+        keys = {"target_quantile", "learning_rate", "count_noise_std", "last_fraction"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"dpkernels: load_state_dict: the checkpoint's adaptive clipping "
+                             f"state must hold {sorted(keys)}, got {state!r}")
+        if expected_batch_size is None:
+            raise ValueError("dpkernels: load_state_dict: adaptive clipping needs "
+                             "expected_batch_size, and the checkpoint has none")
+        AdaptiveClipping(state["target_quantile"], state["learning_rate"],
+                         state["count_noise_std"])  # the constructor's checks
+        if state["count_noise_std"] is None:
+            raise ValueError("dpkernels: load_state_dict: the checkpoint's adaptive clipping "
+                             "has no count_noise_std")
+        gradient_noise_multiplier(noise_multiplier, state["count_noise_std"])
+        last = state["last_fraction"]
+        return {"target_quantile": float(state["target_quantile"]),
+                "learning_rate": float(state["learning_rate"]),
+                "count_noise_std": float(state["count_noise_std"]),
+                "last_fraction": None if last is None else float(last)}
+
+    def load_state(self, state: dict) -> None:
+        """Take a ``check_state``-validated state; the count of an unfinished batch is
+        dropped (loading is refused in the middle of a logical batch anyway)."""
+        vars(self).update(state)
+        self.count = None
