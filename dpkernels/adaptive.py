@@ -11,6 +11,10 @@ geometrically toward the target quantile gamma::
 
     C <- C * exp(-learning_rate * (b~ - gamma))
 
+In ``secure_mode`` the count's noise comes from ChaCha20 (``dpkernels.secure``, a fresh
+``os.urandom`` key each step), like the gradient's; otherwise from a torch generator seeded
+per step from the run's seed.
+
 Privacy: the count is a second Gaussian mechanism on the same Poisson sample, with noise
 multiplier ``2 sigma_b`` (std over sensitivity).  Both together are one Gaussian mechanism
 on the concatenated query, whose noise multiplier sigma satisfies
@@ -92,7 +96,10 @@ class AdaptiveClipping:
                              "(the unclipped counts would have to be summed across ranks)")
         if getattr(optimizer.engine, "clipping", "flat") != "flat":
             raise ValueError("adaptive clipping needs clipping='flat' (one bound for the "
-                             "whole gradient, as in the paper)")
+                             "whole gradient, as in the paper); per-layer bounds that adapt "
+                             "(one noisy count per group, each paid for) are not implemented. "
+                             "Use clipping='flat' with adaptive_clipping, or per-layer bounds "
+                             "that are fixed or follow a clip schedule")
         if optimizer.expected_batch_size is None:
             raise ValueError("adaptive clipping needs expected_batch_size (it normalises the "
                              "unclipped count), also for loss_reduction='sum'")
@@ -121,8 +128,16 @@ class AdaptiveClipping:
         """The noisy unclipped fraction of step ``step``, and C for the next step."""
         count = 0.0 if self.count is None else float(self.count)  # one host sync per step
         self.count = None
-        g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step, _COUNT_SEED_INDEX))
-        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_noise_std
+        if optimizer.secure_mode:  # the count's noise is DP noise too: from ChaCha20
+            from dpkernels.secure import StepNoise
+
+            z = StepNoise(self.count_noise_std)(0, torch.zeros(1, dtype=torch.float64))
+            noise = float(z)
+        else:
+            g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step,
+                                                          _COUNT_SEED_INDEX))
+            noise = float(torch.randn((), generator=g, dtype=torch.float64)) \
+                * self.count_noise_std
         frac = (count + noise) / optimizer.expected_batch_size + 0.5
         self.last_fraction = frac
         new = optimizer.max_grad_norm * math.exp(-self.learning_rate
