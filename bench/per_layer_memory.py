@@ -91,6 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     for k, v in dict(d=256, layers=4, heads=4, seq=128, vocab=8192, batch=8).items():
         ap.add_argument(f"--{k}", type=int, default=v)
+    ap.add_argument("--secure", action="store_true",
+                    help="also per-layer with secure_mode=True (needs the C++ extension)")
     ap.add_argument("--explain", action="store_true",
                     help="list what is live at each mode's peak, by allocation site")
     a = ap.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
     x, y = s.batch(a.batch, a.seq, generator=torch.Generator().manual_seed(1))
     n_params = sum(p.numel() for p in base.parameters())
     peaks, sites = {}, {}
-    for mode in MODES:
+    for mode in MODES + (("dp-per-layer-secure",) if a.secure else ()):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         dp = None
@@ -108,8 +110,10 @@ def main() -> None:
             K = sum(1 for p in model.parameters() if p.requires_grad)
             kw = dict(noise_multiplier=1.0, expected_batch_size=a.batch, seed=0,
                       backend="reference")
-            if mode == "dp-per-layer":
+            if mode.startswith("dp-per-layer"):
                 kw.update(clipping="per_layer", max_grad_norm=[1.0 / math.sqrt(K)] * K)
+                if mode == "dp-per-layer-secure":
+                    kw.update(secure_mode=True, seed=None)
             else:
                 kw.update(max_grad_norm=1.0,
                           mode="low-memory" if mode == "dp-low-memory" else "fast")
@@ -121,7 +125,7 @@ def main() -> None:
           f"({n_params * 4 / 2**20:.0f} MiB); torch {torch.__version__}")
     ref = peaks["non-private"]
     for mode, p in peaks.items():
-        print(f"{mode:>14}: step peak above start {p / 2**20:8.1f} MiB  "
+        print(f"{mode:>19}: step peak above start {p / 2**20:8.1f} MiB  "
               f"({p / ref:.3f}x non-private)")
     for mode, by_site in sites.items():
         if by_site is None:
