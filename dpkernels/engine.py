@@ -45,6 +45,8 @@ NORM_MARGIN = {torch.float64: 0.0, torch.float32: 2.0**-16}
 
 
 class Engine:
+    clipping = "flat"  # one bound for the whole gradient (PerLayerEngine: "per_layer")
+
     def __init__(
         self,
         model: nn.Module,

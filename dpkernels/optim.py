@@ -82,6 +82,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.calibration = None
         # make_private(adaptive_clipping=...): the dpkernels.adaptive.AdaptiveClipping
         self.adaptive = None
+        # dpkernels.schedules objects made on this optimizer (they register themselves), whose
+        # positions state_dict() saves
+        self.schedules: list = []
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
         # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
@@ -376,6 +379,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "sample_rate": self.sample_rate,
                 "poisson": self.poisson,
                 "non_poisson_steps": self.non_poisson_steps,
+                **self._clipping_state(),
             },
         }
 
@@ -398,11 +402,13 @@ class DPOptimizer(torch.optim.Optimizer):
                              "loss_reduction='mean' but no expected_batch_size")
         C = _finite("max_grad_norm", dp["max_grad_norm"], positive=True)
         sigma = _finite("noise_multiplier", dp["noise_multiplier"], positive=False)
+        apply_clipping_state = self._check_clipping_state(dp, sigma, ebs)
         self._refuse_mid_batch("the DP state (load_state_dict)")
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.steps = int(dp["steps"])
         self.noise_multiplier = sigma
         self.max_grad_norm = C  # the engine's C: one source of truth
+        apply_clipping_state()  # per-layer bounds (their total is C), adaptive, schedules
         self.expected_batch_size = ebs
         # the engine turns the loss back into per-sample losses with it (loss_scale)
         self.loss_reduction = self.engine.loss_reduction = reduction
@@ -414,6 +420,83 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate = dp.get("sample_rate")
         self.poisson = dp.get("poisson")
         self.non_poisson_steps = int(dp.get("non_poisson_steps", 0))
+
+    # The clipping mode, the per-layer bounds, the adaptive clipping settings and the
+    # schedules' positions determine the next steps as much as C and sigma do.  A checkpoint
+    # and the optimizer it is loaded into must agree on what kind of clipping runs (mode,
+    # per-layer groups, adaptive or not, which schedules); the values (bounds, quantile,
+    # learning rates, schedule positions) then come from the checkpoint, as C and sigma do.
+    def _clipping_state(self) -> dict:
+        engine = self.engine
+        state: dict = {"clipping": getattr(engine, "clipping", "flat"), "adaptive": None,
+                       "schedules": [{"type": type(s).__name__, "state": s.state_dict()}
+                                     for s in self.schedules]}
+        if state["clipping"] == "per_layer":
+            state["group_labels"] = list(engine.group_labels)
+            state["group_bounds"] = list(engine.group_bounds)
+        if self.adaptive is not None:
+            state["adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def _check_clipping_state(self, dp: dict, sigma: float, ebs: float | None):
+        """Validate the checkpoint's clipping state against this optimizer without changing
+        anything; return the function that applies it."""
+        def refuse(what: str) -> ValueError:
+            return ValueError(f"dpkernels: load_state_dict: {what}")
+
+        engine = self.engine
+        mine, saved = getattr(engine, "clipping", "flat"), dp.get("clipping", "flat")
+        if saved != mine:
+            raise refuse(f"the checkpoint was saved with clipping={saved!r} but this optimizer "
+                         f"uses clipping={mine!r}; make_private with clipping={saved!r} (and "
+                         "its bounds) to resume it")
+        bounds = None
+        if mine == "per_layer":
+            labels = list(dp.get("group_labels") or [])
+            if labels != list(engine.group_labels):
+                raise refuse(f"per-layer clipping groups differ: the checkpoint has {labels}, "
+                             f"this optimizer {list(engine.group_labels)}; make_private with "
+                             "max_grad_norm covering the same groups to resume it")
+            bounds = [_finite(f"max_grad_norm[{k!r}]", c, positive=True)
+                      for k, c in zip(labels, dp["group_bounds"])]
+            if len(bounds) != len(labels) or len(dp["group_bounds"]) != len(labels):
+                raise refuse(f"the checkpoint has {len(labels)} per-layer groups but "
+                             f"{len(dp['group_bounds'])} bounds")
+            total = math.sqrt(sum(c * c for c in bounds))
+            if not math.isclose(total, float(dp["max_grad_norm"]), rel_tol=1e-12):
+                raise refuse(f"the checkpoint's per-layer bounds have total sqrt(sum C_k^2) = "
+                             f"{total!r} but its max_grad_norm is {dp['max_grad_norm']!r}")
+        adaptive = dp.get("adaptive")
+        if (adaptive is None) != (self.adaptive is None):
+            have = "with" if adaptive is not None else "without"
+            fix = ("pass adaptive_clipping=dpkernels.AdaptiveClipping() to make_private"
+                   if adaptive is not None else "make_private without adaptive_clipping")
+            raise refuse(f"the checkpoint was saved {have} adaptive clipping and this optimizer "
+                         f"is {'without' if adaptive is not None else 'with'} it; {fix} to "
+                         "resume it")
+        if adaptive is not None:
+            adaptive = self.adaptive.check_state(adaptive, sigma, ebs)
+        saved_sched = dp.get("schedules", [])
+        kinds = [s["type"] for s in saved_sched]
+        have = [type(s).__name__ for s in self.schedules]
+        if kinds != have:
+            raise refuse(
+                f"the checkpoint was saved with the schedules {kinds} and this optimizer has "
+                f"{have}: create the same schedules, in the same order, on this optimizer "
+                "before load_state_dict (a schedule new to the resumed run: create it after "
+                "load_state_dict, so that it starts from the loaded values)")
+        for sched, saved in zip(self.schedules, saved_sched):
+            sched.check_state(saved["state"])
+
+        def apply() -> None:
+            if bounds is not None:
+                engine.group_bounds = bounds
+            if adaptive is not None:
+                self.adaptive.load_state(adaptive)
+            for sched, saved in zip(self.schedules, saved_sched):
+                sched.load_state_dict(saved["state"])
+
+        return apply
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm="
