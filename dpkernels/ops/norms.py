@@ -89,6 +89,8 @@ def _row_norm_psg_kernel(
         triton.Config({}, num_warps=8),
     ],
     key=["Cg", "S", "BLOCK_C", "BLOCK_S"],
+    # [4096] channels on 4 warps (32 a tile per thread) spilled on sm_90: 16 at most
+    prune_configs_by={"early_config_prune": warps_prune("BLOCK_C", "BLOCK_S", per_thread=16)},
 )
 @triton.jit
 def _group_norm_psg_kernel(
