@@ -82,9 +82,11 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, bias_ptr, d, p, sab, sak, sg
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
     ],
     key=["T1", "T2", "d", "p", "BLOCK_T", "PRECISION"],  # tf32x3 needs more registers and smem
-    # two [64, 64] float32 Gram tiles on 4 warps spilled ~90 B on sm_90 (every dtype)
+    # two [64, 64] float32 Gram tiles on 4 warps spilled ~90 B on sm_90 (every dtype), and
+    # with tf32x3 on 8 warps with 64-wide K tiles (176 B)
     prune_configs_by={"early_config_prune": keep_configs(
-        lambda c, args: args["BLOCK_T"] < 64 or c.num_warps >= 8)},
+        lambda c, args: args["BLOCK_T"] < 64 or (
+            c.num_warps >= 8 and (args["PRECISION"] != "tf32x3" or c.kwargs["BLOCK_K"] < 64)))},
 )
 @triton.jit
 def _linear_ghost_kernel(
