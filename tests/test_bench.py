@@ -3,6 +3,7 @@ processes, its CSV contract, Opacus reported as skipped when it is missing), and
 bench/models.py model through one forward."""
 
 import csv
+import json
 import importlib.util
 import os
 import subprocess
@@ -151,3 +152,43 @@ def test_kernels_refuses_without_gpu():
     p = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py")],
                        capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert p.returncode == 0 and "needs a CUDA GPU" in p.stdout
+
+
+def test_ops_bench_covers_every_op():
+    """bench/test_ops_bench.py has a CPU and a GPU case for every registered op (a new op
+    needs a micro-benchmark), and a reference and a Triton provider for each."""
+    from bench import test_ops_bench as ob
+    from dpkernels import dispatch
+
+    names = set(dispatch.op_names())
+    assert names - set(ob.CPU) == set()
+    assert names - set(ob.GPU) == set()
+    ids = {p.id for p in ob._params()}
+    for op in names:
+        for provider in ("reference", "triton"):
+            assert any(i.startswith(op + "-") and i.endswith("-fp32-" + provider) for i in ids)
+
+
+def test_ops_bench_runs_one_case(tmp_path):
+    """`pytest bench/ --benchmark-only` collects, runs a tiny case on the reference, skips the
+    Triton one without a GPU, and writes pytest-benchmark's JSON with our machine info."""
+    out = tmp_path / "ops.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p",
+         "no:cacheprovider", "-k", "test_op and dense_norm- and fp32",
+         "--benchmark-max-time=0.05", "--benchmark-min-rounds=2", "--benchmark-warmup=off",
+         f"--benchmark-json={out}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["dpkernels"]["torch"] == torch.__version__
+    done = {b["extra_info"]["provider"] for b in data["benchmarks"]}
+    assert "reference" in done
+    assert all(b["stats"]["rounds"] >= 2 and b["stats"]["median"] > 0
+               for b in data["benchmarks"])
+    if not torch.cuda.is_available():
+        assert done == {"reference"}
+        assert "1 skipped" in p.stdout  # the Triton case, reported as skipped
