@@ -131,6 +131,20 @@ def _group_norm(B, C, H, G):
     return lambda dt: ((_r(B, C, H, H, dt=dt), _r(B, C, H, H, dt=dt), G, 1e-5), {})
 
 
+def _magnitudes(B, T, shapes):
+    """``magnitude_many`` items: a Linear use per (d, p), a bias use (a None) per p alone."""
+    def build(dt):
+        items = [(None if d is None else _r(B, T, d, dt=dt), _r(B, T, p, dt=dt))
+                 for d, p in shapes]
+        return (items,), {}
+    return build
+
+
+def _clip(B):
+    return lambda dt: ((torch.rand(B, device=DEVICE) * 4, torch.rand(B, device=DEVICE) * 1e-3,
+                        1.0, 2.0 ** -16, 1.0), {})
+
+
 CPU = {
     "linear_norm": {"ghost-B4-T64-d128-p128": _linear(4, 64, 128, 128),
                     "T1-B64-d256-p256": _linear(64, 1, 256, 256)},
@@ -162,6 +176,9 @@ CPU = {
                                                (1, 1), (1, 1), 1), {})},
     "conv_norm": {"B8-C16-32-H16": _conv(8, 16, 32, 16)},
     "conv_clipped_sum": {"B8-C16-32-H16": _conv_sum(8, 16, 32, 16)},
+    "magnitude_many": {"B4-T64-3uses": _magnitudes(4, 64, [(128, 384), (None, 384),
+                                                           (512, 128)])},
+    "clip_factors": {"B64": _clip(64)},
 }
 
 # gpt: B16 T256 d768 (qkv 768->2304, proj 768->768, fc1 768->3072, fc2 3072->768, head
@@ -205,12 +222,15 @@ GPU = {
     "conv_norm": {"cnn-conv2": _conv(256, 64, 64, 32), "cnn-conv5": _conv(256, 128, 256, 8)},
     "conv_clipped_sum": {"cnn-conv2": _conv_sum(256, 64, 64, 32),
                          "cnn-conv5": _conv_sum(256, 128, 256, 8)},
+    "magnitude_many": {"gpt-block": _magnitudes(16, 256, GPT_LINEARS
+                                                + [(None, p) for _, p in GPT_LINEARS])},
+    "clip_factors": {"gpt-B16": _clip(16), "mlp-B1024": _clip(1024)},
 }
 
 CASES = GPU if CUDA else CPU
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16} if CUDA else {"fp32": torch.float32}
 # Ops whose inputs are not floating-point activations: one dtype is enough.
-FLOAT32_ONLY = {"add_noise", "add_noise_many"}
+FLOAT32_ONLY = {"add_noise", "add_noise_many", "clip_factors"}
 
 
 def _params():
