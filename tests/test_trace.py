@@ -6,7 +6,10 @@ The budgets are what a step launches with the cancellation bounds deferred to on
 magnitude op and one stacked pass, the clip factors in one op and LayerNorm's input gradient
 from its saved statistics (2026-12-05, branch h-launches: gpt-tiny fp32 +51, bf16 +33, mlp-tiny
 +10; main c0e84a7 before it: +333 / +340 / +24 budgets, the bounds' small torch ops costing
-~4 launches per use).  A change that adds
+~4 launches per use).  Raised on branch h-review (+12 each: gpt-tiny fp32 63, bf16 45,
+mlp-tiny 22): the underflow bound of Gram-form norms (layers/base.py) adds two magnitude rows
+per Linear use and a gathered product pass to stacked_bounds, a constant ~12 kernels per step,
+not per layer (a privacy fix: a sample's ghost norm could underflow to 0).  A change that adds
 launches per layer fails here; lower a budget when launches are removed, never raise it
 without saying why in the commit.
 """
@@ -22,7 +25,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET = {("gpt-tiny", "fp32"): 51, ("gpt-tiny", "bf16"): 33, ("mlp-tiny", "fp32"): 10}
+BUDGET = {("gpt-tiny", "fp32"): 63, ("gpt-tiny", "bf16"): 45, ("mlp-tiny", "fp32"): 22}
 
 
 def test_launch_budget(tmp_path):
