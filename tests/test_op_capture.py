@@ -552,3 +552,25 @@ def test_conv_op_rule_triton_float32():
     m = SmallCNN(Conv2dSame(3, 4, 3, stride=2))
     x, y = torch.randn(4, 3, 7, 6), torch.randint(0, 3, (4,))
     exact(m, ce("mean"), x, y, backend="triton", rtol=1e-4)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d: the standardisation's affine weight is another parameter
+    (``gain``), combined with the weight without data: no op rule, the generic fallback."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.rand(self.out_channels) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=self.gain, training=True, momentum=0.0, eps=1e-5)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+def test_conv_weight_mixed_with_another_parameter_falls_back():
+    torch.manual_seed(2)
+    m = SmallCNN(ScaledStdConv2d(3, 4, 3, padding=1)).double()
+    x, y = torch.randn(5, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="combines two parameters without data"):
+        check_engine(m, ce("mean"), x, y)
