@@ -233,7 +233,10 @@ class DPTrainer(Trainer):
         """Evaluation loss: the mean of the per-sample losses (the model's own loss would be
         normalised over the batch's tokens)."""
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("dpkernels: DPTrainer computes losses from 'labels', which this "
+                             "batch does not have")
         outputs = model(**inputs)
         loss = self._per_sample(outputs, labels).mean()
         return (loss, outputs) if return_outputs else loss

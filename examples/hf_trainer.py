@@ -30,12 +30,15 @@ def synthetic(n: int, vocab: int, length: int, seed: int) -> list[dict]:
     return [{"input_ids": r, "labels": r.clone()} for r in ids]
 
 
-def main(argv=None) -> None:
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epsilon", type=float, default=8.0, help="target epsilon (calibrates sigma)")
+    ap.add_argument("--noise-multiplier", type=float, default=None,
+                    help="use this sigma instead of calibrating one to --epsilon")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--n", type=int, default=2048, help="training sequences")
+    ap.add_argument("--n-test", type=int, default=256, help="test sequences")
     ap.add_argument("--batch-size", type=int, default=128, help="expected (logical) batch size")
     ap.add_argument("--physical", type=int, default=64, help="max physical batch size")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -49,14 +52,19 @@ def main(argv=None) -> None:
                                   n_head=4, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(a.seed)
     model = transformers.GPT2LMHeadModel(cfg)  # model(input_ids): [1, T] position ids, tied head
-    train, test = synthetic(a.n, vocab, length, a.seed), synthetic(256, vocab, length, a.seed + 1)
+    train, test = synthetic(a.n, vocab, length, a.seed), synthetic(a.n_test, vocab, length, a.seed + 1)
     q = a.batch_size / len(train)
 
+    if a.noise_multiplier is None:
+        budget = dict(target_epsilon=a.epsilon, target_delta=a.delta, sample_rate=q,
+                      epochs=a.epochs)
+    else:
+        budget = dict(noise_multiplier=a.noise_multiplier)
     dp_opt = dpkernels.make_private(
-        model, torch.optim.AdamW(model.parameters(), lr=a.lr),
-        target_epsilon=a.epsilon, target_delta=a.delta, sample_rate=q, epochs=a.epochs,
+        model, torch.optim.AdamW(model.parameters(), lr=a.lr), **budget,
         max_grad_norm=a.max_grad_norm, expected_batch_size=q * len(train))
-    print(dp_opt.calibration)
+    if dp_opt.calibration is not None:
+        print(dp_opt.calibration)
 
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
@@ -79,9 +87,11 @@ def main(argv=None) -> None:
     print(f"train loss per epoch: {losses}")
     print(f"test loss (per-sequence mean): {before:.3f} before, {after:.3f} after "
           f"(uniform guess: {torch.log(torch.tensor(float(vocab))).item():.3f})")
-    print(dp_opt.privacy_report(a.delta))
+    print(f"DP-SGD: noise multiplier {dp_opt.noise_multiplier:.4f}, sample rate {q:.4f} "
+          f"(Poisson), max_grad_norm {a.max_grad_norm}")
     print(f"epsilon = {result.metrics['epsilon']:.3f} at delta = {a.delta}, "
           f"{dp_opt.steps} steps, training {took:.1f} s")
+    return result.metrics["epsilon"], before, after
 
 
 if __name__ == "__main__":

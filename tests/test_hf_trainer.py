@@ -182,3 +182,20 @@ def test_default_trainer_arguments_refused(tmp_path):
 def test_resume_refused(tmp_path):
     with pytest.raises(ValueError, match="resuming"):
         _make(tmp_path).train(resume_from_checkpoint=True)
+
+
+def test_example_script_runs(capsys):
+    """examples/hf_trainer.py at toy size (fixed sigma: no calibration), in this process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    eps, before, after = example.main(["--n", "128", "--batch-size", "32", "--physical", "16",
+                                       "--epochs", "1", "--noise-multiplier", "1.0",
+                                       "--n-test", "16"])
+    assert math.isfinite(eps) and eps > 0  # its value: test_training_reports_epsilon_...
+    out = capsys.readouterr().out
+    assert "epsilon =" in out and "4 steps" in out

@@ -574,3 +574,11 @@ def test_conv_weight_mixed_with_another_parameter_falls_back():
     x, y = torch.randn(5, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
     with pytest.warns(UserWarning, match="combines two parameters without data"):
         check_engine(m, ce("mean"), x, y)
+
+
+def test_conv_op_rule_low_memory_mode():
+    """The conv op rule's Uses in the two-backward mode (norms first, clipped sums second)."""
+    torch.manual_seed(3)
+    m = SmallCNN(nn.Sequential(Conv2dSame(3, 4, 3, stride=2), StdConv2d(4, 4, 3))).double()
+    x, y = torch.randn(5, 3, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    exact(m, ce("mean"), x, y, mode="low-memory")
