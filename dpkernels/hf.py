@@ -129,9 +129,10 @@ class DPTrainer(Trainer):
         if a.max_grad_norm not in (None, 0, 0.0):
             raise ValueError(
                 f"dpkernels: TrainingArguments.max_grad_norm={a.max_grad_norm} would clip the "
-                "noisy DP gradient a second time (a different algorithm than the one the "
-                "privacy accounting describes). Set TrainingArguments(max_grad_norm=0.0); the "
-                "per-sample clipping bound is make_private's max_grad_norm")
+                "noisy DP gradient a second time (post-processing, so still private, but no "
+                "longer the DP-SGD update: it silently rescales signal and noise together). "
+                "Set TrainingArguments(max_grad_norm=0.0); the per-sample clipping bound is "
+                "make_private's max_grad_norm")
         if a.gradient_accumulation_steps != 1:
             raise ValueError(
                 f"dpkernels: gradient_accumulation_steps={a.gradient_accumulation_steps}: "
