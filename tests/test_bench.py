@@ -87,6 +87,45 @@ def test_models_forward(name, sizes, batch, seq, out_shape):
     assert per_sample.shape[0] == (batch * seq if seq else batch)
 
 
+@pytest.mark.parametrize("label", ["hf-gpt2-tiny", "hf-llama-tiny"])
+def test_hf_models_on_the_fast_path(label):
+    """The tiny transformers cases of bench/e2e.py build, run a DP step and use no generic
+    fallback (a fallback would make their timings meaningless)."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import dpkernels
+
+    arch, sizes = e2e.MODELS[label]
+    spec = models.spec(arch, **sizes, seq=16)
+    torch.manual_seed(0)
+    model = spec.model()
+    x, y = spec.batch(3, 16)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=3,
+                                backend="reference")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        out = model(x)
+        assert out.shape == (3, 16, sizes["vocab"])
+        spec.loss(out, y).backward()
+        dp.step()
+    assert dp.per_sample_norms.shape == (3,)
+
+
+def test_hf_model_sizes():
+    """hf-gpt2 is GPT-2 small (124.4 M parameters), hf-llama-1b TinyLlama's 1.10 B shape
+    (built on the meta device: nothing allocated)."""
+    pytest.importorskip("transformers")
+    counts = {}
+    for label in ("hf-gpt2", "hf-llama-1b"):
+        arch, sizes = e2e.MODELS[label]
+        with torch.device("meta"):
+            m = models.spec(arch, **sizes, seq=256).model()
+        counts[label] = sum(p.numel() for p in m.parameters())
+    assert counts == {"hf-gpt2": 124_439_808, "hf-llama-1b": 1_100_048_384}
+
+
 def test_model_sizes_match_anchors():
     gpt = models.gpt(seq=256)
     n = sum(p.numel() for p in gpt.parameters())

@@ -55,11 +55,19 @@ class Tracked:
     """A tensor computed from ``param`` alone: ``fn(param)`` (``fn`` None: the parameter).
 
     ``batch_const``: dim 0 is an expand from size 1 to the batch (``cls_token.expand(B, ...)``),
-    so every row of it is the same function of the parameter."""
+    so every row of it is the same function of the parameter.
+
+    ``same_grad``: the tensor is the parameter up to casts and same-shape views (``w.float()``,
+    ``w.to(dtype)``, ``w.contiguous()``), so a gradient with respect to it *is* one with
+    respect to the parameter (cast back): rules may then use their fused ``Use`` for the
+    parameter directly.  Anything else (``1 + w``, a transpose, weight standardisation) maps
+    the per-sample gradient back through ``fn`` with ``torch.func.vjp``: exact, because ``fn``
+    does not depend on the sample, but materialised."""
 
     def __init__(self, param: nn.Parameter, fn: Callable | None = None,
-                 batch_const: bool = False) -> None:
+                 batch_const: bool = False, same_grad: bool | None = None) -> None:
         self.param, self.fn, self.batch_const = param, fn, batch_const
+        self.same_grad = fn is None if same_grad is None else same_grad
 
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
@@ -85,6 +93,12 @@ class Tracked:
 
 
 _EXPANDS = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
+# calls whose backward is the identity on the parameter's elements (up to a cast) when the
+# result keeps the parameter's shape
+_SAME_GRAD = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+              torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous,
+              torch.Tensor.clone, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
+              torch.Tensor.view_as, torch.Tensor.reshape_as}
 # calls that keep every row along dim 0 equal when they were
 _ROWWISE = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
             torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous, torch.Tensor.clone}
@@ -178,7 +192,12 @@ class CaptureMode(TorchFunctionMode):
                 const = out.dim() >= 1 and (src.dim() < out.dim() or src.shape[0] == 1)
             else:
                 const = func in _ROWWISE and hits[0][1].batch_const
-            self.track(out, Tracked(param, fn, const and out.shape[0] != 1))
+            # (not w.view(dtype): that reinterprets the bits)
+            same = (func in _SAME_GRAD and all(tr.same_grad for _, tr in hits)
+                    and out.shape == param.shape and out.is_floating_point()
+                    and not (func is torch.Tensor.view
+                             and any(isinstance(v, torch.dtype) for v in flat)))
+            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same))
         elif isinstance(out, (tuple, list)):  # split, chunk, unbind
             for j, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
