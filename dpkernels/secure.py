@@ -41,6 +41,11 @@ def available() -> tuple[bool, str]:
         return False, why
     if not hasattr(torch.ops.dpkernels, "secure_normal_"):
         return False, "dpkernels._C was imported but does not register dpkernels::secure_normal_"
+    args = [a.name for a in torch.ops.dpkernels.secure_normal_.default._schema.arguments]
+    if "offset" not in args:  # a build from before the noise was drawn in chunks
+        return False, ("dpkernels._C is out of date: it was built from an older csrc/ (its "
+                       "secure_normal_ takes no stream offset); rebuild it with python setup.py "
+                       "build_ext --inplace")
     return True, ""
 
 

@@ -333,6 +333,29 @@ def test_missing_build_raises_with_the_reason():
     assert "C++ extension  not built, secure_mode=True unavailable" in out
 
 
+def test_stale_build_raises_saying_to_rebuild():
+    """An extension built from an older csrc/ (secure_normal_ without the offset, as left by
+    an editable install that was not rebuilt) is reported as unavailable, with the fix, not
+    called with an argument it does not take."""
+    code = (
+        "import sys, types; sys.modules['dpkernels._C'] = types.ModuleType('dpkernels._C')\n"
+        "import torch\n"
+        "lib = torch.library.Library('dpkernels', 'DEF')\n"
+        "lib.define('secure_normal_(Tensor(a!) out, int[] key, int stream, float std) -> ()')\n"
+        "from dpkernels import secure\n"
+        "print(secure.available())\n"
+        "try:\n"
+        "    secure.StepNoise(1.0)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "(False, 'dpkernels._C is out of date" in out
+    assert "RAISED dpkernels: secure_mode=True needs the C++ extension" in out
+    assert "python setup.py build_ext --inplace" in out
+
+
 def test_cuda_build_does_not_claim_the_cuda_backend(monkeypatch):
     """An extension built with CUDA (secure noise only) must not make backend='auto' pick
     'cuda' on the GPU: no DP-SGD op has a CUDA kernel, so every op would run on the
