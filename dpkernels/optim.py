@@ -156,12 +156,42 @@ class DPOptimizer(torch.optim.Optimizer):
         self._refuse_mid_batch("expected_batch_size")
         self._expected_batch_size = value
 
-    def _refuse_mid_batch(self, what: str) -> None:
+    def _pending_batch(self) -> str | None:
+        """What this optimizer holds of an unfinished logical batch (None after step(),
+        discard() or before the first backward)."""
         engine = getattr(self, "engine", None)
-        if engine is not None and (engine.acc or engine.uses):
+        if engine is None:
+            return None
+        if engine.acc:
+            return "the clipped sums that dp_opt.accumulate() folded in since the last step()"
+        if engine.uses:
+            return ("the per-sample gradients of a backward not yet folded in by "
+                    "dp_opt.accumulate() or dp_opt.step()")
+        adaptive = getattr(self, "adaptive", None)
+        if adaptive is not None and adaptive.count is not None:
+            return "the adaptive clipping count of the micro-batches since the last step()"
+        return None
+
+    def _refuse_state_dict_mid_batch(self) -> None:
+        """The pending sums are not saved (a checkpoint of unnoised clipped gradients would
+        leak them), so a checkpoint taken now would resume a shorter logical batch."""
+        pending = self._pending_batch()
+        if pending is not None:
             raise RuntimeError(
-                f"dpkernels: {what} cannot change in the middle of a logical batch (clipped "
-                "sums are pending: some micro-batches would be clipped or noised with the old "
+                "dpkernels: dp_opt.state_dict() was called while a logical batch is in "
+                f"progress (pending: {pending}). That is not saved (clipped but not yet noised "
+                "sums must not go into a checkpoint), so a run resumed from this checkpoint "
+                "would step on fewer samples than it trained on. Call state_dict() right after "
+                "dp_opt.step(), or drop the unfinished logical batch with dp_opt.discard() "
+                "first"
+            )
+
+    def _refuse_mid_batch(self, what: str) -> None:
+        pending = self._pending_batch()
+        if pending is not None:
+            raise RuntimeError(
+                f"dpkernels: {what} cannot change in the middle of a logical batch (pending: "
+                f"{pending}; some micro-batches would be clipped or noised with the old "
                 "value); change it right after dp_opt.step(), or call dp_opt.discard() first"
             )
 
@@ -366,6 +396,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._refuse_state_dict_mid_batch()
         return {
             "optimizer": self.original_optimizer.state_dict(),
             "dp": {

@@ -43,13 +43,13 @@ def data(B, seed=0):
 
 @pytest.fixture
 def draws(monkeypatch):
-    """Every secure draw: (key, stream, numel, std)."""
+    """Every secure draw: (key, stream, numel, std, offset)."""
     seen = []
     real = secure.secure_normal_
 
-    def spy(out, key, stream, std):
-        seen.append((key, stream, out.numel(), std))
-        return real(out, key, stream, std)
+    def spy(out, key, stream, std, offset=0):
+        seen.append((key, stream, out.numel(), std, offset))
+        return real(out, key, stream, std, offset=offset)
 
     monkeypatch.setattr(secure, "secure_normal_", spy)
     return seen

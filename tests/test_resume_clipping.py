@@ -76,7 +76,7 @@ def build(model, setup, saved):
 def train(model, dp, scheds, first, last):
     for step in range(first, last):
         x, y = data(step)
-        F.cross_entropy(model(x), y).backward()  # mean over the batch, as SAVED says
+        dp.backward(F.cross_entropy(model(x), y))  # mean over the batch, as SAVED says
         dp.step()
         dp.zero_grad()
         for s in scheds:
@@ -231,3 +231,85 @@ def test_mismatched_checkpoint_is_refused_and_changes_nothing(saved_with, loaded
              [s.state_dict() for s in scheds])
     assert after == before
     assert dp.original_optimizer.state_dict()["state"] == {}
+
+
+# ---------------------------------------------------------------- mid logical batch
+def flat_low_memory(saved):
+    return dict(max_grad_norm=0.3 if saved else 5.0, mode="low-memory"), []
+
+
+MID_BATCH_SETUPS = [flat, flat_low_memory, per_layer, adaptive]
+
+
+def _half_batch(model, dp, accumulate):
+    """The first micro-batch of step 2's logical batch: a backward, folded in or not."""
+    x, y = data(2)
+    dp.backward(F.cross_entropy(model(x[:3]), y[:3]) * 3 / 9)  # mean over the 9 expected
+    if accumulate:
+        dp.accumulate()
+
+
+@pytest.mark.parametrize("accumulate", [True, False], ids=["accumulated", "backward-only"])
+@pytest.mark.parametrize("setup", MID_BATCH_SETUPS, ids=[s.__name__ for s in MID_BATCH_SETUPS])
+def test_state_dict_in_the_middle_of_a_logical_batch_is_refused(setup, accumulate):
+    """The pending clipped sums (and the adaptive count) are not in the state: a checkpoint
+    taken now would resume on fewer samples, silently.  state_dict() refuses, changes
+    nothing (the step that follows is bit for bit the step of a run that never asked), and
+    works again after step() or discard()."""
+    runs = []
+    for ask in (True, False):
+        model = mlp()
+        dp, scheds = build(model, setup, True)
+        train(model, dp, scheds, 0, 2)
+        _half_batch(model, dp, accumulate)
+        if ask:
+            with pytest.raises(RuntimeError, match=r"state_dict\(\) was called while a logical "
+                                                   r"batch is in progress \(pending: the "):
+                dp.state_dict()
+        dp.step()
+        runs.append((model, dp))
+    (asked, dp), (never, _) = runs
+    for (name, a), b in zip(asked.named_parameters(), never.parameters()):
+        assert torch.equal(a, b), name
+    assert dp.state_dict()["dp"]["steps"] == 3  # right after step(): fine
+    _half_batch(asked, dp, accumulate)
+    dp.discard()
+    assert dp.state_dict()["dp"]["steps"] == 3  # after discard(): fine
+
+
+@pytest.mark.parametrize("setup", MID_BATCH_SETUPS, ids=[s.__name__ for s in MID_BATCH_SETUPS])
+def test_load_state_dict_into_an_optimizer_mid_logical_batch(setup):
+    """Loading into an optimizer that has a logical batch in progress is refused (its pending
+    sums were clipped with its own settings) and changes nothing; after discard() the load
+    resumes the saved run exactly."""
+    straight = mlp()
+    dp, scheds = build(straight, setup, True)
+    train(straight, dp, scheds, 0, 5)
+
+    first = mlp()
+    dp1, scheds1 = build(first, setup, True)
+    train(first, dp1, scheds1, 0, 3)
+    state, weights = copy.deepcopy(dp1.state_dict()), copy.deepcopy(first.state_dict())
+    resumed = mlp()
+    resumed.load_state_dict(weights)
+    dp2, scheds2 = build(resumed, setup, False)
+    _half_batch(resumed, dp2, accumulate=True)
+    before = (dp2.max_grad_norm, dp2.noise_multiplier, dp2.steps, dp2.loss_reduction,
+              dp2.expected_batch_size, getattr(dp2.engine, "group_bounds", None),
+              None if dp2.adaptive is None else dp2.adaptive.state_dict())
+    pending = {p: a.clone() for p, a in dp2.engine.acc.items()}
+    with pytest.raises(RuntimeError, match=r"load_state_dict\) cannot change in the middle of "
+                                           r"a logical batch .*dp_opt.discard\(\) first"):
+        dp2.load_state_dict(state)
+    after = (dp2.max_grad_norm, dp2.noise_multiplier, dp2.steps, dp2.loss_reduction,
+             dp2.expected_batch_size, getattr(dp2.engine, "group_bounds", None),
+             None if dp2.adaptive is None else dp2.adaptive.state_dict())
+    assert after == before
+    assert dp2.original_optimizer.state_dict()["state"] == {}
+    assert pending and dp2.engine.acc.keys() == pending.keys()
+    assert all(torch.equal(dp2.engine.acc[p], a) for p, a in pending.items())
+    dp2.discard()
+    dp2.load_state_dict(state)
+    train(resumed, dp2, scheds2, 3, 5)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
