@@ -23,6 +23,7 @@ STREAM_ELEMS = 1 << 33  # 2^32 ChaCha20 blocks of two normals
 # noise on top of the gradients, never a parameter-sized noise tensor (as the reference's
 # Philox noise: dpkernels/reference/_common.py).  Any chunking gives the same bits.
 NOISE_CHUNK_ELEMS = 1 << 18
+NOISE_CHUNK_ELEMS_GPU = 1 << 24  # a GPU: fewer launches, still small next to the gradients
 _STATUS_FILE = Path(__file__).with_name("_build_status.txt")
 
 
@@ -147,7 +148,8 @@ class StepNoise:
             secure_normal_(z, self._key, index, self.std)
             return acc.add_(z.to(acc.device))
         flat = acc.view(-1)
-        chunk = max(1, int(NOISE_CHUNK_ELEMS))
+        chunk = max(1, int(NOISE_CHUNK_ELEMS if torch.device(device).type == "cpu"
+                           else NOISE_CHUNK_ELEMS_GPU))
         buf = torch.empty(min(n, chunk), dtype=acc.dtype, device=device)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)

@@ -31,6 +31,14 @@ def chunks(n: int, per_item: int):
 # gradients of every parameter live, a whole-parameter draw of the largest one, e.g. a
 # 16384 x 768 head, was the step's peak: bench/per_layer_memory.py --explain).
 NOISE_CHUNK_ELEMS = 1 << 18
+# On a GPU each chunk is a launch or two and the card has tens of GiB: 64 MiB chunks keep the
+# temporary small next to the gradients without hundreds of launches per step.
+NOISE_CHUNK_ELEMS_GPU = 1 << 24
+
+
+def noise_chunk_elems(device) -> int:
+    """Elements of noise drawn and added at a time on ``device``."""
+    return NOISE_CHUNK_ELEMS if torch.device(device).type == "cpu" else NOISE_CHUNK_ELEMS_GPU
 
 
 def gaussian(shape, std: float, seed: int, device, dtype) -> torch.Tensor:
@@ -46,16 +54,16 @@ def add_gaussian_(out: torch.Tensor, std: float, seed: int) -> torch.Tensor:
     the one-shot ``gaussian`` (torch's CPU normal sampler consumes the generator in blocks of
     16, and every chunk but the last is a multiple of 16 long; tests/test_noise.py checks it);
     on CUDA they are a different, equally seeded draw."""
-    n = out.numel()
-    if not out.is_contiguous() or n < 2 * NOISE_CHUNK_ELEMS:
+    n, chunk = out.numel(), noise_chunk_elems(out.device)
+    if not out.is_contiguous() or n < 2 * chunk:
         return out.add_(gaussian(out.shape, std, seed, out.device, out.dtype))
     gen = torch.Generator(device=out.device)
     gen.manual_seed(int(seed))
     flat = out.view(-1)
-    m = n // NOISE_CHUNK_ELEMS  # the last chunk takes the remainder (at most 2 chunks long)
+    m = n // chunk  # the last chunk takes the remainder (at most 2 chunks long)
     for k in range(m):
-        lo = k * NOISE_CHUNK_ELEMS
-        hi = n if k == m - 1 else lo + NOISE_CHUNK_ELEMS
+        lo = k * chunk
+        hi = n if k == m - 1 else lo + chunk
         z = torch.randn(hi - lo, generator=gen, device=out.device, dtype=out.dtype)
         flat[lo:hi].add_(z.mul_(std))
     return out
