@@ -106,13 +106,18 @@ class _ContinuingSampler(PoissonBatchSampler):
         return batches
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """16-bit logits to float32 for the loss; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor,
                               shift: bool = True) -> torch.Tensor:
     """[B] each sequence's mean token cross-entropy over its labels that are not -100 (after
     the causal shift: position t predicts label t+1); 0 for a sequence with no label."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    tok = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+    tok = F.cross_entropy(_upcast(logits.transpose(1, 2)), labels, ignore_index=-100,
                           reduction="none")  # [B, T]
     mask = labels.ne(-100)
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -280,7 +285,7 @@ class DPTrainer(Trainer):
             return causal_lm_per_sample_loss(logits, labels, shift=self._shifts_labels())
         if (logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
                 and logits.shape[1] > 1):
-            return F.cross_entropy(logits.float(), labels, reduction="none")
+            return F.cross_entropy(_upcast(logits), labels, reduction="none")
         raise ValueError(
             f"dpkernels: no default per-sample loss for logits {tuple(logits.shape)} and "
             f"labels {tuple(labels.shape)}; pass DPTrainer(per_sample_loss=fn(outputs, labels) "
