@@ -78,9 +78,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        # the epoch is taken here, when iteration starts, not at the first batch
         self.epoch = self._next_epoch
         self._next_epoch += 1
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        return self._batches(self.epoch)
+
+    def _batches(self, epoch: int) -> Iterator[list[int]]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         n = self.num_samples
         for _ in range(self.steps):
             # Independent inclusion of each index == a Binomial(n, q) size, then a uniform

@@ -7,7 +7,14 @@ them over or refuses them, each with an error saying what to set:
 - **sampling**: Trainer shuffles into fixed-size batches (``drop_last`` and all); the
   accountant assumes Poisson sampling.  ``DPTrainer`` builds its own training loader from
   :class:`dpkernels.PoissonBatchSampler` (``sample_rate``; one Poisson batch = one DP step;
-  empty batches step with noise only) and tells the optimizer, so ``epsilon`` is right;
+  empty batches step with noise only) and tells the optimizer, so ``epsilon`` is right.
+  With a fixed ``poisson_seed``, a second ``train()`` (or another ``DPTrainer`` on the same
+  optimizer, or a restart by ``auto_find_batch_size``) continues with the seed's next epochs:
+  drawing the same batches again would make steps the accountant counts as independent
+  share their samples.  ``train_dataset`` must be map-style (a length and indexing), and the
+  optimizer's ``expected_batch_size`` must be ``sample_rate * len(train_dataset)`` (within
+  rounding to a whole sample) for ``loss_reduction="mean"``, or the update is scaled wrong:
+  refused otherwise;
 - **its own gradient clipping** (``TrainingArguments.max_grad_norm``, default 1.0) would clip
   the noisy gradient a second time: refused unless 0 (or None);
 - **gradient accumulation** divides the loss by ``gradient_accumulation_steps`` and steps the
@@ -19,19 +26,29 @@ them over or refuses them, each with an error saying what to set:
   the model: both couple samples (one sample's presence rescales the others' gradients, so
   the sensitivity is no longer C).  ``DPTrainer`` never lets the model compute the loss: it
   computes each sample's own loss (causal LM: mean over the sample's label tokens after the
-  shift; classification: cross-entropy of its logits; or your ``per_sample_loss``), then the
-  mean over the batch for ``loss_reduction="mean"`` (the sum for ``"sum"``).
+  shift; token classification, masked LM, seq2seq: the same without the shift; sequence
+  classification: cross-entropy of its logits; or your ``per_sample_loss``), then the
+  mean over the batch for ``loss_reduction="mean"`` (the sum for ``"sum"``).  The kind of model
+  is read from its class and the classes it derives from; token logits of a model of no known
+  kind (which could go either way) and single-logit "classification" are refused.
   ``compute_loss_func`` and ``label_smoothing_factor`` are refused (pass ``per_sample_loss``);
 - **step timing**: with the above, Trainer calls ``optimizer.step()`` exactly once per Poisson
-  batch, after its backward; ``DPTrainer`` calls ``dp_opt.zero_grad()`` before each batch
-  (Trainer only calls ``model.zero_grad()``).  Its learning-rate scheduler only changes the
-  learning rate, which is post-processing and costs no privacy;
+  batch, after its backward; ``DPTrainer`` calls ``dp_opt.discard()`` and
+  ``dp_opt.zero_grad()`` before each batch (Trainer only calls ``model.zero_grad()``), so a
+  batch interrupted by an error leaves nothing behind for the next step.  Its learning-rate
+  scheduler only changes the learning rate, which is post-processing and costs no privacy;
 - **fp16** (a ``GradScaler`` scales the loss, hence the norms), ``torch_compile``, several
   GPUs in one process (``DataParallel``) and distributed runs: refused.  bf16 autocast
   (``bf16=True``) works.
 
 Resuming from a Trainer checkpoint is not supported yet (the Poisson loader's position and
 the accountant's history are not restored together).
+
+What ``epsilon`` covers: the model's parameters.  Trainer's logs are computed from the private
+batches without noise and are not covered: the training ``loss`` (each Poisson batch's mean
+sample loss), ``num_input_tokens_seen`` (``include_num_input_tokens_seen``: token counts of
+the batches drawn) and evaluation metrics on training data.  Keep them private, or turn them
+off (``logging_strategy="no"``, ``include_num_input_tokens_seen="no"``).
 
 Example (``examples/hf_trainer.py`` runs it on a tiny random-init GPT-2)::
 
@@ -48,6 +65,7 @@ Example (``examples/hf_trainer.py`` runs it on a tiny random-init GPT-2)::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -65,6 +83,33 @@ from dpkernels.optim import DPOptimizer
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
 
+# dp_optimizer -> {Poisson seed: the next epoch not drawn yet}.  Batches are a function of
+# (seed, epoch, step): a second train(), a restart by auto_find_batch_size, or another
+# DPTrainer on the same optimizer with the same poisson_seed would otherwise draw the very
+# same batches again, and the accountant's independent Poisson steps would not be.
+_EPOCHS_DRAWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _ContinuingSampler(PoissonBatchSampler):
+    """A :class:`PoissonBatchSampler` whose epochs continue from those its optimizer has drawn
+    with the same seed (and records each epoch it starts)."""
+
+    def __init__(self, *args, drawn: dict, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._drawn = drawn
+        self.set_epoch(drawn.get(self.seed, 0))
+
+    def __iter__(self):
+        self._next_epoch = max(self._next_epoch, self._drawn.get(self.seed, 0))
+        batches = super().__iter__()  # takes the epoch now
+        self._drawn[self.seed] = self._next_epoch
+        return batches
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """16-bit logits to float32 for the loss; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 
 def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor,
                               shift: bool = True) -> torch.Tensor:
@@ -72,7 +117,7 @@ def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor,
     the causal shift: position t predicts label t+1); 0 for a sequence with no label."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    tok = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+    tok = F.cross_entropy(_upcast(logits.transpose(1, 2)), labels, ignore_index=-100,
                           reduction="none")  # [B, T]
     mask = labels.ne(-100)
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -160,12 +205,30 @@ class DPTrainer(Trainer):
             raise ValueError("Trainer: training requires a train_dataset.")
         dataset = self.train_dataset
         collate = self.data_collator
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset,
+                                                                                  "__len__"):
+            raise ValueError(
+                f"dpkernels: DPTrainer needs a train_dataset with a length and indexing (a "
+                f"map-style dataset), got {type(dataset).__name__}: Poisson sampling draws each "
+                "index with probability sample_rate, which a stream cannot do")
         if hasattr(dataset, "column_names") and hasattr(self, "_remove_unused_columns"):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
-        sampler = PoissonBatchSampler(len(dataset), self.sample_rate,
-                                      steps=self.steps_per_epoch, seed=self.poisson_seed)
+        n = len(dataset)
+        ebs = self.dp_optimizer.expected_batch_size
+        # mean reduction divides the clipped, noised sum by expected_batch_size, which must be
+        # the sampler's q * N (up to rounding it to a whole number of samples)
+        if self.dp_optimizer.loss_reduction == "mean" and abs(ebs - self.sample_rate * n) >= 1:
+            raise ValueError(
+                f"dpkernels: the DP optimizer's expected_batch_size={ebs:g} is not the Poisson "
+                f"batch DPTrainer samples: sample_rate={self.sample_rate:g} x "
+                f"len(train_dataset)={n} = {self.sample_rate * n:g}. Every update would be "
+                "scaled by the wrong batch size; make_private(..., expected_batch_size="
+                "sample_rate * len(train_dataset)) or fix sample_rate")
+        sampler = _ContinuingSampler(n, self.sample_rate, steps=self.steps_per_epoch,
+                                     seed=self.poisson_seed,
+                                     drawn=_EPOCHS_DRAWN.setdefault(self.dp_optimizer, {}))
         # not through accelerator.prepare: its loader wrappers may re-batch or shard
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=_EmptySafeCollate(dataset, collate),
@@ -182,6 +245,10 @@ class DPTrainer(Trainer):
         is ignored (each sample's loss is its own).  Returns the batch's mean sample loss."""
         model.train()
         dp = self.dp_optimizer
+        # a logical batch interrupted by an exception (an out-of-memory error that
+        # auto_find_batch_size retries, or a caught error and train() again) left its first
+        # physical batches' clipped sums in the accumulator: they must not join this step
+        dp.discard()
         dp.zero_grad()
         inputs = self._prepare_inputs(inputs)
         labels = inputs.pop("labels", None)
@@ -193,7 +260,9 @@ class DPTrainer(Trainer):
         if B == 0:  # an empty Poisson batch: the step adds noise only
             return torch.zeros((), device=self.args.device)
         total = torch.zeros((), device=labels.device, dtype=torch.float32)
-        pieces = split_batch(batch, max(1, int(self.args.per_device_train_batch_size)))
+        # _train_batch_size: per_device_train_batch_size, or what auto_find_batch_size lowered
+        # it to after an out-of-memory error
+        pieces = split_batch(batch, max(1, int(self._train_batch_size)))
         for i, piece in enumerate(pieces):
             if i:
                 dp.accumulate()
@@ -213,22 +282,42 @@ class DPTrainer(Trainer):
             return self.per_sample_loss(outputs, labels)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if logits.dim() == 3 and labels.dim() == 2:
-            causal = self._is_causal_lm()
-            return causal_lm_per_sample_loss(logits, labels, shift=causal)
-        if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
-            return F.cross_entropy(logits.float(), labels, reduction="none")
+            return causal_lm_per_sample_loss(logits, labels, shift=self._shifts_labels())
+        if (logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point()
+                and logits.shape[1] > 1):
+            return F.cross_entropy(_upcast(logits), labels, reduction="none")
         raise ValueError(
             f"dpkernels: no default per-sample loss for logits {tuple(logits.shape)} and "
             f"labels {tuple(labels.shape)}; pass DPTrainer(per_sample_loss=fn(outputs, labels) "
             "-> [B])")
 
-    def _is_causal_lm(self) -> bool:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    def _shifts_labels(self) -> bool:
+        """Whether token logits predict the *next* label (causal LM: shift) or their own
+        position's (token classification, masked LM, seq2seq decoders), from the model's class
+        or any class it derives from; a model of neither kind is refused, since guessing
+        wrong trains on the wrong targets without any error."""
+        from transformers.models.auto import modeling_auto as auto
 
         m = self.accelerator.unwrap_model(self.model)
         base = getattr(getattr(m, "base_model", None), "model", None)  # PEFT
-        names = {type(m).__name__, type(base).__name__ if base is not None else None}
-        return bool(names & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
+        classes = {c.__name__ for obj in (m, base) if obj is not None
+                   for c in type(obj).__mro__}
+
+        def kind(mapping: str) -> bool:
+            return bool(classes & set(getattr(auto, mapping, {}).values()))
+
+        if kind("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+            return True
+        if any(kind(k) for k in ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                                 "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                                 "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                                 "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES")):
+            return False
+        raise ValueError(
+            f"dpkernels: DPTrainer cannot tell whether {type(m).__name__}'s token logits "
+            "predict the next label (a causal LM: shift by one) or their own position's; pass "
+            "per_sample_loss=lambda out, y: dpkernels.hf.causal_lm_per_sample_loss(out.logits, "
+            "y, shift=True) (or shift=False)")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: the mean of the per-sample losses (the model's own loss would be

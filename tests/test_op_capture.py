@@ -582,3 +582,44 @@ def test_conv_op_rule_low_memory_mode():
     m = SmallCNN(nn.Sequential(Conv2dSame(3, 4, 3, stride=2), StdConv2d(4, 4, 3))).double()
     x, y = torch.randn(5, 3, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     exact(m, ce("mean"), x, y, mode="low-memory")
+
+
+class InPlaceOnClone(nn.Module):
+    """A tensor computed from the parameter and then changed in place before its use (a masked
+    copy, ``F.relu(w, inplace=True)``): its value is no longer a function of the parameter that
+    capture can replay, so the rule's gradient for it is not the parameter's (the fused Use of
+    a ``same_grad`` clone, or the vjp through ``clone``, ignore the change)."""
+
+    def __init__(self, how, op="conv"):
+        super().__init__()
+        self.how, self.op = how, op
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3 if op == "conv"
+                                   else torch.randn(4, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(4) * 0.1)
+
+    def forward(self, x):
+        w = self.weight.clone()
+        v = w.view(w.shape)  # a view made before the change sees it too
+        if self.how == "setitem":
+            w[:, 0] = 2 * self.weight[:, 1]
+        else:
+            F.relu(w, inplace=True)
+        if self.op == "conv":
+            return F.conv2d(x, v, self.bias, padding=1)
+        return F.linear(x, v, self.bias)
+
+
+@pytest.mark.parametrize("how,op", [("setitem", "conv"), ("relu_inplace", "conv"),
+                                    ("setitem", "linear")])
+def test_tracked_tensor_changed_in_place_falls_back(how, op):
+    torch.manual_seed(4)
+    inner = InPlaceOnClone(how, op)
+    if op == "conv":
+        m = SmallCNN(inner).double()
+        x = torch.randn(5, 3, 5, 4, dtype=torch.float64)
+    else:
+        m = nn.Sequential(inner, nn.Tanh(), nn.Linear(4, 3)).double()
+        x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="'weight' was modified in place"):
+        check_engine(m, ce("mean"), x, y)

@@ -111,17 +111,26 @@ class CaptureMode(TorchFunctionMode):
     def __init__(self, engine, name: str, params: dict[nn.Parameter, str], kind: str) -> None:
         super().__init__()
         self.engine, self.name, self.param_names, self.kind = engine, name, params, kind
-        # id -> (tensor, Tracked); the tensor is kept so that an id is never reused meanwhile
-        self.tracked: dict[int, tuple[torch.Tensor, Tracked]] = {
-            id(p): (p, Tracked(p)) for p in params}
+        # id -> (tensor, Tracked, its version counter when tracked); the tensor is kept so that
+        # an id is never reused meanwhile
+        self.tracked: dict[int, tuple[torch.Tensor, Tracked, int]] = {
+            id(p): (p, Tracked(p), p._version) for p in params}
         self.used: set[nn.Parameter] = set()
 
-    def lookup(self, t) -> Tracked | None:
+    def lookup(self, t, func=None) -> Tracked | None:
         e = self.tracked.get(id(t))
-        return e[1] if e is not None and e[0] is t else None
+        if e is None or e[0] is not t:
+            return None
+        if t._version != e[2]:
+            # changed in place since it was tracked (w = p.clone(); w[0] = 0, F.relu(w,
+            # inplace=True), out=w): its value is no longer fn(param), so neither the gradient
+            # mapped back through fn nor the fused Use of a same_grad tensor is the parameter's
+            raise Decline(func, "a tensor computed from the parameter "
+                          f"{self.param_names[e[1].param]!r} was modified in place")
+        return e[1]
 
     def track(self, t: torch.Tensor, tr: Tracked) -> None:
-        self.tracked[id(t)] = (t, tr)
+        self.tracked[id(t)] = (t, tr, t._version)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -130,7 +139,7 @@ class CaptureMode(TorchFunctionMode):
         data = False
         for i, a in enumerate(flat):
             if isinstance(a, torch.Tensor):
-                tr = self.lookup(a)
+                tr = self.lookup(a, func)
                 if tr is None:
                     data = True
                 else:
