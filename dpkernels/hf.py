@@ -65,7 +65,6 @@ Example (``examples/hf_trainer.py`` runs it on a tiny random-init GPT-2)::
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -82,29 +81,6 @@ from dpkernels.data import PoissonBatchSampler, _EmptySafeCollate, split_batch, 
 from dpkernels.optim import DPOptimizer
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
-
-# dp_optimizer -> {Poisson seed: the next epoch not drawn yet}.  Batches are a function of
-# (seed, epoch, step): a second train(), a restart by auto_find_batch_size, or another
-# DPTrainer on the same optimizer with the same poisson_seed would otherwise draw the very
-# same batches again, and the accountant's independent Poisson steps would not be.
-_EPOCHS_DRAWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _ContinuingSampler(PoissonBatchSampler):
-    """A :class:`PoissonBatchSampler` whose epochs continue from those its optimizer has drawn
-    with the same seed (and records each epoch it starts)."""
-
-    def __init__(self, *args, drawn: dict, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._drawn = drawn
-        self.set_epoch(drawn.get(self.seed, 0))
-
-    def __iter__(self):
-        self._next_epoch = max(self._next_epoch, self._drawn.get(self.seed, 0))
-        batches = super().__iter__()  # takes the epoch now
-        self._drawn[self.seed] = self._next_epoch
-        return batches
-
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """16-bit logits to float32 for the loss; float64 stays float64."""
@@ -226,9 +202,11 @@ class DPTrainer(Trainer):
                 f"len(train_dataset)={n} = {self.sample_rate * n:g}. Every update would be "
                 "scaled by the wrong batch size; make_private(..., expected_batch_size="
                 "sample_rate * len(train_dataset)) or fix sample_rate")
-        sampler = _ContinuingSampler(n, self.sample_rate, steps=self.steps_per_epoch,
-                                     seed=self.poisson_seed,
-                                     drawn=_EPOCHS_DRAWN.setdefault(self.dp_optimizer, {}))
+        # use_loader below ties a seeded sampler to the optimizer's record of the epochs drawn:
+        # a second train(), a restart by auto_find_batch_size or another DPTrainer on the same
+        # optimizer continues with the seed's next epoch instead of replaying the batches
+        sampler = PoissonBatchSampler(n, self.sample_rate, steps=self.steps_per_epoch,
+                                      seed=self.poisson_seed)
         # not through accelerator.prepare: its loader wrappers may re-batch or shard
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=_EmptySafeCollate(dataset, collate),

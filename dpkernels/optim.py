@@ -93,6 +93,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate: float | None = None
         self.poisson: bool | None = None
         self.non_poisson_steps = 0
+        # {explicit Poisson seed: epochs drawn}: a seeded sampler feeding this optimizer never
+        # replays an epoch (dpkernels.data.PoissonBatchSampler), also across a resume
+        self.poisson_epochs: dict[int, set[int]] = {}
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
                 "dpkernels: LBFGS evaluates the loss several times per step (a closure), each "
@@ -410,6 +413,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "sample_rate": self.sample_rate,
                 "poisson": self.poisson,
                 "non_poisson_steps": self.non_poisson_steps,
+                "poisson_epochs": {k: sorted(v) for k, v in self.poisson_epochs.items()},
                 **self._clipping_state(),
             },
         }
@@ -451,6 +455,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate = dp.get("sample_rate")
         self.poisson = dp.get("poisson")
         self.non_poisson_steps = int(dp.get("non_poisson_steps", 0))
+        # in place: samplers already attached keep reading this record
+        self.poisson_epochs.clear()
+        self.poisson_epochs.update({int(k): {int(e) for e in v}
+                                    for k, v in dp.get("poisson_epochs", {}).items()})
 
     # The clipping mode, the per-layer bounds, the adaptive clipping settings and the
     # schedules' positions determine the next steps as much as C and sigma do.  A checkpoint
