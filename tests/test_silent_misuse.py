@@ -1,0 +1,145 @@
+"""Issue 7 leftovers and a further adversarial pass (issue 12's session): misuses a DP user
+can make around make_private and step(), each now exact (float64 oracle) or a clear error.
+
+Op capture's batching check against a module that mixes or permutes its batch in training
+or internally; secure_mode in state_dict; and misuses of the training loop.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import RTOL_F64, check_engine, ce, oracle, rel_err
+from torch import nn
+
+import dpkernels
+
+F64 = torch.float64
+
+
+def data(B=8, d=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, d, generator=g, dtype=F64), torch.randint(0, 3, (B,), generator=g))
+
+
+def private(model, **kw):
+    args = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=11, seed=0,
+                backend="reference")
+    args.update(kw)
+    return dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), **args)
+
+
+def net(middle):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), middle, nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+# ------------------------------------------- op capture: mixing and permuting the batch
+class RollInTraining(nn.Module):
+    """Own parameter (op capture); in training the rows are rolled by one (a batch shuffle
+    used as augmentation).  The eval-mode check saw nothing of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 7, dtype=F64))
+
+    def forward(self, x):
+        h = x * self.w
+        return h.roll(1, 0) if self.training else h
+
+
+class BatchStatsInTraining(nn.Module):
+    """A hand-written BatchNorm (not nn.BatchNorm*, which is refused by type): batch
+    statistics in training, running ones in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 7, dtype=F64))
+        self.b = nn.Parameter(torch.zeros(7, dtype=F64))
+        self.register_buffer("mean", torch.zeros(7, dtype=F64))
+        self.register_buffer("var", torch.ones(7, dtype=F64))
+
+    def forward(self, x):
+        if self.training:
+            mu, var = x.mean(0), x.var(0, unbiased=False)
+        else:
+            mu, var = self.mean, self.var
+        return (x - mu) / (var + 1e-5).sqrt() * self.w + self.b
+
+
+@pytest.mark.parametrize("cls", [RollInTraining, BatchStatsInTraining])
+def test_op_capture_batch_mixing_in_training_refused(cls):
+    """Before: both ran on the op rules without a word (the per-sample check ran in eval
+    mode), clipping rows that are not samples."""
+    m = net(cls())
+    private(m)
+    x, y = data()
+    with pytest.warns(UserWarning, match="mixes or permutes its batch"), \
+            pytest.raises(ValueError, match="mixes samples"):
+        m(x)
+
+
+class SortedRouting(nn.Module):
+    """Processes the rows in sorted order and puts them back: the output rows are right, so
+    a check of the output alone passes, but row r of ``x[perm] * w`` is sample perm[r]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 7, dtype=F64))
+
+    def forward(self, x):
+        perm = x[:, 0].argsort()
+        h = x[perm] * self.w
+        return h[perm.argsort()]
+
+
+def test_op_capture_internal_permutation_exact():
+    """Before: w's clipped gradient was 34% off, the Linear's 2%, silently.  Now the
+    operand check sends the module to the generic fallback: exact."""
+    x, y = data()
+    with pytest.warns(UserWarning, match="data operand of Tensor.mul"):
+        check_engine(net(SortedRouting()), ce("mean"), x, y)
+
+
+class ScaleDropCount(nn.Module):
+    """Layer scale with dropout on the data and a buffer its forward updates."""
+
+    def __init__(self, count=True):
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, 7, dtype=F64))
+        self.drop = nn.Dropout(0.3)
+        self.count = count
+        self.register_buffer("calls", torch.zeros((), dtype=F64))
+
+    def forward(self, x):
+        if self.count:  # (torch.func, in the oracle, cannot run an in-place buffer update)
+            self.calls += 1
+        return x + self.drop(x * self.g)
+
+
+def test_op_capture_row_check_keeps_rng_buffers_and_fast_path():
+    """The training-mode check replays dropout from one RNG state: a row-wise module with
+    dropout keeps the op rules (no fallback warning), the caller's RNG stream and the
+    module's buffers are as after one plain forward, and the gradient is the oracle's (in
+    eval mode, where the oracle has no dropout to match)."""
+    m = net(ScaleDropCount())
+    plain = net(ScaleDropCount())
+    private(m)
+    x, _ = data()
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = m(x)
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    want = plain(x)
+    assert torch.equal(out, want)  # the same dropout draw
+    assert torch.equal(after, torch.rand(4))
+    assert m[1].calls.item() == 1
+    dpkernels.detach(m)
+    x, y = data()
+    m, ref = net(ScaleDropCount(False)).eval(), net(ScaleDropCount(False)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_engine(m, ce("mean"), x, y, reference=ref)
