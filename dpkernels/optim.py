@@ -376,6 +376,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "sample_rate": self.sample_rate,
                 "poisson": self.poisson,
                 "non_poisson_steps": self.non_poisson_steps,
+                "secure_mode": self.secure_mode,
             },
         }
 
@@ -398,6 +399,14 @@ class DPOptimizer(torch.optim.Optimizer):
                              "loss_reduction='mean' but no expected_batch_size")
         C = _finite("max_grad_norm", dp["max_grad_norm"], positive=True)
         sigma = _finite("noise_multiplier", dp["noise_multiplier"], positive=False)
+        secure = dp.get("secure_mode")  # None: a checkpoint from before it was saved
+        if secure is not None and bool(secure) != self.secure_mode:
+            raise ValueError(
+                f"dpkernels: load_state_dict: the checkpoint was saved with secure_mode="
+                f"{bool(secure)} but this optimizer has secure_mode={self.secure_mode}; a "
+                "resumed run must draw its noise the same way: make_private(..., secure_mode="
+                f"{bool(secure)}) before loading"
+            )
         self._refuse_mid_batch("the DP state (load_state_dict)")
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.steps = int(dp["steps"])

@@ -143,3 +143,31 @@ def test_op_capture_row_check_keeps_rng_buffers_and_fast_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_engine(m, ce("mean"), x, y, reference=ref)
+
+
+# ------------------------------------------------------------- secure_mode in state_dict
+@pytest.mark.parametrize("saved", [True, False], ids=["secure-into-philox", "philox-into-secure"])
+def test_secure_mode_saved_and_mismatch_refused(saved):
+    """Before: secure_mode was not in state_dict, and a run resumed into an optimizer built
+    without it silently went on with Philox noise.  A mismatch now refuses, changing
+    nothing; the same setting loads."""
+    pytest.importorskip("dpkernels._C", reason="C++ extension not built")
+    x, y = data()
+
+    def build(secure):
+        m = net(nn.Identity())
+        return m, private(m, noise_multiplier=1.0, secure_mode=secure,
+                          seed=None if secure else 3)
+
+    m, dp = build(saved)
+    F.cross_entropy(m(x), y).backward()
+    dp.step()
+    state = dp.state_dict()
+    assert state["dp"]["secure_mode"] is saved
+    m2, other = build(not saved)
+    with pytest.raises(ValueError, match=f"saved with secure_mode={saved}"):
+        other.load_state_dict(state)
+    assert other.steps == 0 and other.secure_mode is (not saved)
+    m3, same = build(saved)
+    same.load_state_dict(state)
+    assert same.steps == 1 and same.secure_mode is saved
