@@ -171,3 +171,105 @@ def test_secure_mode_saved_and_mismatch_refused(saved):
     m3, same = build(saved)
     same.load_state_dict(state)
     assert same.steps == 1 and same.secure_mode is saved
+
+
+# ------------------------------------------------------------------ training-loop misuses
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def test_wrapped_optimizer_step_refused():
+    """Before: the wrapped optimizer's own step() ran: before dp_opt.step() it applied
+    nothing (no training, silently), after it the same noised gradient a second time."""
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    dp = dpkernels.make_private(
+        m, opt, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=11, seed=0,
+        backend="reference")
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(RuntimeError, match="wrapped by make_private was called directly"):
+        opt.step()
+    before = [p.detach().clone() for p in m.parameters()]
+    dp.step()  # the DPOptimizer steps it
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    with pytest.raises(RuntimeError, match="wrapped by make_private was called directly"):
+        opt.step()
+    dpkernels.detach(m)
+    opt.step()  # detached: a plain optimizer again
+
+
+def test_grad_scaler_refused():
+    """Before: GradScaler.step(dp_opt) died with torch's "No inf checks were recorded", and
+    the scale entered every per-sample gradient before clipping."""
+    m = mlp()
+    dp = private(m)
+    x, y = data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(F.cross_entropy(m(x), y)).backward()
+    with pytest.raises(ValueError, match="GradScaler is not supported"):
+        scaler.step(dp)
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3).double()
+        self.register_buffer("t", torch.ones(3, dtype=F64, requires_grad=True))
+
+    def forward(self, x):
+        return self.fc(x) * self.t
+
+
+def test_buffer_requiring_grad_refused():
+    """Before: accepted; the buffer got the batch's raw gradient (|g| = 0.29)."""
+    with pytest.raises(ValueError, match="buffer 't' requires grad"):
+        private(WithBuffer())
+
+
+class ParamInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        if not hasattr(self, "extra"):
+            self.extra = nn.Parameter(torch.ones(3, dtype=F64))
+        return self.fc(x) * self.extra
+
+
+def test_parameter_created_in_forward_refused_at_step():
+    """Before: the new parameter got the raw batch gradient and step() said nothing."""
+    m = ParamInForward()
+    dp = private(m)
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    assert m.extra.grad is not None  # raw: what the check is there for
+    with pytest.raises(RuntimeError, match="parameter 'extra' was added to the model after"):
+        dp.step()
+
+
+def test_lazy_module_refused_clearly():
+    """Before: torch's "Attempted to use an uninitialized parameter in register_hook"."""
+    m = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="parameter '0.weight' is uninitialised"):
+        private(m)
+
+
+def test_parameter_gradient_hook_refused():
+    """A hook on a parameter never sees the engine's gradient (the engine writes
+    ``param.grad`` itself): a hook registered before make_private is refused there, one
+    registered later and tolerant of None (it ran and changed nothing) at step()."""
+    m = mlp()
+    m[0].weight.register_hook(lambda g: None if g is None else g.clamp(-0.01, 0.01))
+    with pytest.raises(ValueError, match="parameter '0.weight' has a gradient hook"):
+        private(m)
+    assert getattr(m, "_dpkernels_engine", None) is None  # not left attached
+    m = mlp()
+    dp = private(m)
+    m[2].bias.register_post_accumulate_grad_hook(lambda p: None)
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="parameter '2.bias' has a gradient hook"):
+        dp.step()
