@@ -273,3 +273,80 @@ def test_parameter_gradient_hook_refused():
     F.cross_entropy(m(x), y).backward()
     with pytest.raises(ValueError, match="parameter '2.bias' has a gradient hook"):
         dp.step()
+
+
+# ------------------------------------------ misuses that were already exact: kept exact
+def _no_grad_forward_first(m, x, y):
+    with torch.no_grad():
+        m(data(3, seed=9)[0])  # evaluation on another batch size, then the step
+    return F.cross_entropy(m(x), y)
+
+
+def _retain_graph_twice(m, x, y):
+    loss = F.cross_entropy(m(x), y) / 2  # two backwards of half the loss: the whole gradient
+    loss.backward(retain_graph=True)
+    return loss
+
+
+def _weight_changed_before_step(m, x, y):
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    with torch.no_grad():  # e.g. a manual weight decay between backward and step
+        m[0].weight.mul_(0.5)
+    return None
+
+
+@pytest.mark.parametrize("misuse", [_no_grad_forward_first, _retain_graph_twice,
+                                    _weight_changed_before_step],
+                         ids=["no-grad-forward-first", "retain-graph-twice",
+                              "weight-changed-before-step"])
+def test_loop_variations_stay_exact(misuse):
+    """The gradient is the oracle's at the forward's weights, whatever happened around it."""
+    m = mlp()
+    x, y = data()
+    _, want, _ = oracle(mlp(), lambda o, t: F.cross_entropy(o, t), x, y, 0.5, 11, "mean")
+    dp = private(m)
+    loss = misuse(m, x, y)
+    if loss is not None:
+        loss.backward()
+    dp.step()
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, want[n]) <= RTOL_F64, n
+
+
+def test_eval_mode_dropout_and_zero_grad_keep_exact():
+    """model.eval() (dropout off) for training, and zero_grad(set_to_none=False) between
+    steps (zeros kept in param.grad): every step is the oracle's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Tanh(), nn.Linear(7, 3)).double()
+    ref = nn.Sequential(nn.Linear(5, 7), nn.Identity(), nn.Tanh(), nn.Linear(7, 3)).double()
+    ref.load_state_dict(m.state_dict())
+    x, y = data()
+    _, want, _ = oracle(ref, lambda o, t: F.cross_entropy(o, t), x, y, 0.5, 11, "mean")
+    dp = private(m)
+    m.eval()
+    for _ in range(2):
+        F.cross_entropy(m(x), y).backward()
+        dp.step()
+        for n, p in m.named_parameters():
+            assert rel_err(p.grad, want[n]) <= RTOL_F64, n
+        dp.zero_grad(set_to_none=False)
+
+
+def test_scaled_sum_loss_is_clipped_as_given():
+    """loss_reduction='sum' with the loss multiplied by k: each sample's gradient is k times
+    its own, clipped to C: the oracle of k * loss (nothing escapes the clip)."""
+    m = mlp()
+    x, y = data()
+    k = 1000.0
+
+    def loss(o, t):
+        return F.cross_entropy(o, t, reduction="sum") * k
+
+    _, want, _ = oracle(mlp(), loss, x, y, 0.5, 1, "sum")
+    dp = private(m, loss_reduction="sum", expected_batch_size=None)
+    loss(m(x), y).backward()
+    dp.step()
+    assert (dp.per_sample_norms > 0.5).all()  # every sample clipped
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, want[n]) <= RTOL_F64, n
