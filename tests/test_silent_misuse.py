@@ -115,7 +115,8 @@ class ScaleDropCount(nn.Module):
     def forward(self, x):
         if self.count:  # (torch.func, in the oracle, cannot run an in-place buffer update)
             self.calls += 1
-        return x + self.drop(x * self.g)
+        self.last = x + self.drop(x * self.g)  # kept for inspection, as models do
+        return self.last
 
 
 def test_op_capture_row_check_keeps_rng_buffers_and_fast_path():
@@ -137,6 +138,7 @@ def test_op_capture_row_check_keeps_rng_buffers_and_fast_path():
     assert torch.equal(out, want)  # the same dropout draw
     assert torch.equal(after, torch.rand(4))
     assert m[1].calls.item() == 1
+    assert torch.equal(m[1].last, plain[1].last)  # the real forward's, not a check's
     dpkernels.detach(m)
     x, y = data()
     m, ref = net(ScaleDropCount(False)).eval(), net(ScaleDropCount(False)).eval()

@@ -343,12 +343,16 @@ class OpCaptureHandler:
         flat_d = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
         run = generic._Runner(engine, module, orig, params, flat_d, spec, live)
         # the checks' forwards must leave no trace: buffers a forward updates are put back
-        # (in place, or rebound to a new tensor)
+        # (in place, or rebound to a new tensor), and attributes it sets (self.last_attn = a)
         buffers = [(m, n, b, None if b is None else b.detach().clone())
                    for m in module.modules() for n, b in m._buffers.items()]
+        attrs = [(m, dict(m.__dict__)) for m in module.modules()]
         try:
             self._check(engine, module, name, orig, own, run, flat_d, spec, batched, live, B)
         finally:
+            for m, d in attrs:
+                m.__dict__.clear()
+                m.__dict__.update(d)
             with torch.no_grad():
                 for m, n, b, v in buffers:
                     m._buffers[n] = b
