@@ -121,8 +121,15 @@ class AdaptiveClipping:
         """The noisy unclipped fraction of step ``step``, and C for the next step."""
         count = 0.0 if self.count is None else float(self.count)  # one host sync per step
         self.count = None
-        g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step, _COUNT_SEED_INDEX))
-        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_noise_std
+        if getattr(optimizer, "secure_mode", False):  # like the gradient's noise: ChaCha20
+            from dpkernels.secure import StepNoise
+
+            z = StepNoise(self.count_noise_std)(0, torch.zeros((), dtype=torch.float64))
+            noise = float(z)
+        else:
+            g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step,
+                                                          _COUNT_SEED_INDEX))
+            noise = float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_noise_std
         frac = (count + noise) / optimizer.expected_batch_size + 0.5
         self.last_fraction = frac
         new = optimizer.max_grad_norm * math.exp(-self.learning_rate

@@ -402,3 +402,34 @@ def test_torch_compile_of_attached_model_exact():
         for n, p in m.named_parameters():
             assert rel_err(p.grad, want[n]) <= RTOL_F64, n
         dp.zero_grad()
+
+
+def test_secure_mode_adaptive_count_noise_is_secure(monkeypatch):
+    """secure_mode=True promises ChaCha20 for every noise draw; with adaptive clipping the
+    noise on the unclipped count came from torch's generator seeded from the run's seed.
+    Now the count draws from a fresh secure key too (one StepNoise per step for it, beside
+    the gradient's)."""
+    pytest.importorskip("dpkernels._C", reason="C++ extension not built")
+    import dpkernels.secure as secure
+
+    keys = []
+    real = secure.StepNoise.__init__
+
+    def spy(self, std):
+        keys.append(std)
+        real(self, std)
+
+    monkeypatch.setattr(secure.StepNoise, "__init__", spy)
+    m = mlp()
+    dp = private(m, noise_multiplier=1.0, seed=None, secure_mode=True,
+                 adaptive_clipping=dpkernels.AdaptiveClipping(target_quantile=0.5,
+                                                              count_noise_std=2.0))
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    import dpkernels.adaptive as adaptive
+
+    # the seeded torch generator of the count's noise: must not be used
+    monkeypatch.setattr(adaptive, "derive_seed",
+                        lambda *a: pytest.fail("count noise from a seeded torch generator"))
+    dp.step()
+    assert 2.0 in keys  # the count's secure draw, std count_noise_std
