@@ -452,26 +452,35 @@ def _check_rows_independent(engine, module, name, orig, own, flat, spec, batched
     try:
         base = run(list(flat))
         for bit in range(max(1, (B - 1).bit_length())):
-            rows = (torch.arange(B) >> bit) & 1 == 1
-            got = run(perturbed(rows))
-            if len(got) != len(base) or any(g.shape != r.shape for (_, g), (_, r) in
-                                            zip(got, base)):
-                raise Decline("batching", "changing some samples changes which ops it runs")
-            for (what, g), (_, r) in zip(got, base):
-                if r.dim() >= 1 and r.shape[0] and r.shape[0] % B == 0:
-                    keep = ~rows.to(r.device)
-                    same = generic._close(g.reshape(B, -1)[keep], r.reshape(B, -1)[keep])
-                else:
-                    same = generic._close(g, r)
-                if not same:
-                    where = "its output" if what == "output" else f"the data operand of {what}"
-                    raise Decline("batching", f"changing some samples changes the rows of other "
-                                  f"samples in {where} (in {'training' if module.training else 'eval'}"
-                                  " mode): it mixes or permutes its batch")
+            _probe_bit(run, perturbed, base, bit, B, module)
+    except Decline:
+        raise
+    except Exception as e:  # perturbed inputs the module rejects: let the fallback decide
+        raise Decline("batching", f"the row check could not run it ({type(e).__name__}: {e})"
+                      ) from e
     finally:
         torch.set_rng_state(cpu_rng)
         for d, st in dev_rng.items():
             torch.get_device_module(d.type).set_rng_state(st, d)
+
+
+def _probe_bit(run, perturbed, base, bit: int, B: int, module: nn.Module) -> None:
+    """One run of ``_check_rows_independent`` with the rows whose ``bit`` is set perturbed."""
+    rows = (torch.arange(B) >> bit) & 1 == 1
+    got = run(perturbed(rows))
+    if len(got) != len(base) or any(g.shape != r.shape for (_, g), (_, r) in zip(got, base)):
+        raise Decline("batching", "changing some samples changes which ops it runs")
+    for (what, g), (_, r) in zip(got, base):
+        if r.dim() >= 1 and r.shape[0] and r.shape[0] % B == 0:  # B rows, or B blocks of rows
+            keep = ~rows.to(r.device)
+            same = generic._close(g.reshape(B, -1)[keep], r.reshape(B, -1)[keep])
+        else:  # not batched: must not depend on any sample
+            same = generic._close(g, r)
+        if not same:
+            where = "its output" if what == "output" else f"the data operand of {what}"
+            mode = "training" if module.training else "eval"
+            raise Decline("batching", f"changing some samples changes the rows of other samples "
+                          f"in {where} (in {mode} mode): it mixes or permutes its batch")
 
 
 HANDLER = OpCaptureHandler()
