@@ -99,7 +99,8 @@ class DPOptimizer(torch.optim.Optimizer):
         # the wrapped optimizer's own step() would apply no gradient (before dp_opt.step())
         # or the last noised one a second time: only dp_opt.step() may call it
         self._stepping = False
-        self._inner_hook = optimizer.register_step_pre_hook(self._inner_step_pre_hook)
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        self._inner_hook = register(self._inner_step_pre_hook) if register else None
         self._managed = {id(p) for p in engine.params}
         for group in optimizer.param_groups:
             for p in group["params"]:
