@@ -455,3 +455,27 @@ def test_op_capture_row_check_failing_goes_to_fallback():
     x = x * 100  # the first Linear's outputs reach 165 (rms 49); 4 rms of noise pass 300
     with pytest.warns(UserWarning, match="row check could not run it"):
         check_engine(net(Picky()), ce("mean"), x, y)
+
+
+@pytest.mark.parametrize("kw", [dict(clipping="per_layer", max_grad_norm=[0.3] * 4),
+                                dict(mode="low-memory")], ids=["per-layer", "low-memory"])
+def test_secure_mode_noise_on_other_paths(kw, monkeypatch):
+    """secure_mode with per-layer clipping and in low-memory mode (untested before): one
+    secure draw per parameter per step, none from Philox."""
+    pytest.importorskip("dpkernels._C", reason="C++ extension not built")
+    import dpkernels.secure as secure
+
+    draws = []
+    real = secure.StepNoise.__call__
+
+    def spy(self, index, acc):
+        draws.append(index)
+        return real(self, index, acc)
+
+    monkeypatch.setattr(secure.StepNoise, "__call__", spy)
+    m = mlp()
+    dp = private(m, noise_multiplier=1.0, seed=None, secure_mode=True, **kw)
+    x, y = data()
+    dp.backward(F.cross_entropy(m(x), y))
+    dp.step()
+    assert sorted(draws) == [0, 1, 2, 3]
