@@ -102,6 +102,11 @@ class DPOptimizer(torch.optim.Optimizer):
                 "on the private batch; DP-SGD accounts for one clipped, noised gradient per "
                 "step. Use a first-order optimizer (SGD, Adam, AdamW, ...)"
             )
+        # the wrapped optimizer's own step() would apply no gradient (before dp_opt.step())
+        # or the last noised one a second time: only dp_opt.step() may call it
+        self._stepping = False
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        self._inner_hook = register(self._inner_step_pre_hook) if register else None
         self._managed = {id(p) for p in engine.params}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -271,6 +276,18 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_attached("accumulate")
         self.engine.fold(finalize=False)
 
+    def _inner_step_pre_hook(self, optimizer, args, kwargs) -> None:
+        if not self._stepping and self.engine.attached:
+            raise RuntimeError(
+                "dpkernels: step() of the optimizer wrapped by make_private was called "
+                "directly; it would apply no private gradient (or the last one again). Call "
+                "step() on the DPOptimizer that make_private returned (or dpkernels.detach("
+                "model) to train without DP)"
+            )
+
+    # GradScaler.step(dp_opt) then hands its scale to step() (grad_scale), which refuses it
+    _step_supports_amp_scaling = True
+
     def __deepcopy__(self, memo):
         raise TypeError(
             "dpkernels: a DPOptimizer cannot be deep-copied (it is bound to its model's "
@@ -280,6 +297,15 @@ class DPOptimizer(torch.optim.Optimizer):
     @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks, as for any optimizer
     def step(self, closure=None):
         self._check_attached("step")
+        if getattr(self, "grad_scale", None) is not None:
+            raise ValueError(
+                "dpkernels: GradScaler is not supported: its loss scale would enter every "
+                "per-sample gradient before clipping (clipping at max_grad_norm / scale), and its "
+                "inf check cannot see the engine's gradients. Use bf16 autocast (no scaler "
+                "needed) or float32; per-sample gradients that are not finite are already "
+                "dropped by the engine (dp_opt.nonfinite_samples)"
+            )
+        _check_outside_state(self.engine.model, self.engine, at_step=True)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -309,7 +335,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self._log_step(self.sample_rate)
         if self.adaptive is not None:
             self.adaptive.after_step(self, step)  # C for the next step
-        self.original_optimizer.step()
+        self._stepping = True
+        try:
+            self.original_optimizer.step()
+        finally:
+            self._stepping = False
         return loss
 
     def _check_provenance(self) -> None:
@@ -414,6 +444,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "poisson": self.poisson,
                 "non_poisson_steps": self.non_poisson_steps,
                 "poisson_epochs": {k: sorted(v) for k, v in self.poisson_epochs.items()},
+                "secure_mode": self.secure_mode,
                 **self._clipping_state(),
             },
         }
@@ -437,6 +468,14 @@ class DPOptimizer(torch.optim.Optimizer):
                              "loss_reduction='mean' but no expected_batch_size")
         C = _finite("max_grad_norm", dp["max_grad_norm"], positive=True)
         sigma = _finite("noise_multiplier", dp["noise_multiplier"], positive=False)
+        secure = dp.get("secure_mode")  # None: a checkpoint from before it was saved
+        if secure is not None and bool(secure) != self.secure_mode:
+            raise ValueError(
+                f"dpkernels: load_state_dict: the checkpoint was saved with secure_mode="
+                f"{bool(secure)} but this optimizer has secure_mode={self.secure_mode}; a "
+                "resumed run must draw its noise the same way: make_private(..., secure_mode="
+                f"{bool(secure)}) before loading"
+            )
         apply_clipping_state = self._check_clipping_state(dp, sigma, ebs)
         self._refuse_mid_batch("the DP state (load_state_dict)")
         self.original_optimizer.load_state_dict(state["optimizer"])
@@ -654,6 +693,7 @@ def make_private(
     not built); ``seed`` is refused.  With ``distributed=True`` rank 0 draws the noise and
     adds it to its clipped sum before the all-reduce.
     """
+    _check_outside_state(model)
     calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
                              sample_rate)
     if calibration is not None:
@@ -666,6 +706,7 @@ def make_private(
     engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
+        _check_outside_state(model, engine)
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
                          max_grad_norm=engine.max_grad_norm,
                          expected_batch_size=expected_batch_size,
@@ -685,6 +726,49 @@ def make_private(
     if sample_rate is not None:
         dp.sample_rate = float(sample_rate)
     return dp
+
+
+def _check_outside_state(model: nn.Module, engine: Engine | None = None,
+                         at_step: bool = False) -> None:
+    """Trainable state the engine cannot clip, refused by name: a buffer that requires grad
+    (its gradient is never clipped), a lazy parameter not yet materialised, a hook on a
+    parameter (the engine writes ``param.grad`` itself, so a gradient hook would never see
+    the private gradient, and an optimizer-in-backward hook would never step it; checked
+    once ``engine`` is attached, its own hooks excepted), and, at ``step()``, a parameter
+    added to the model after make_private that holds a gradient (created in a forward: that
+    gradient is raw)."""
+    for name, b in model.named_buffers():
+        if b.requires_grad:
+            raise ValueError(
+                f"dpkernels: buffer {name!r} requires grad: its gradient would be neither "
+                "clipped nor noised. Register it as a parameter (then it is trained privately) "
+                "or call requires_grad_(False) on it"
+            )
+    ours = set() if engine is None else {h.id for h in engine._hooks}
+    for name, p in model.named_parameters():
+        if nn.parameter.is_lazy(p):
+            raise ValueError(
+                f"dpkernels: parameter {name!r} is uninitialised (a Lazy module): run one "
+                "forward with a dummy batch before make_private, so that it exists when the "
+                "engine attaches"
+            )
+        if engine is None:
+            continue
+        hooks = [k for k in (p._backward_hooks or {}) if k not in ours]
+        if hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            raise ValueError(
+                f"dpkernels: parameter {name!r} has a gradient hook (register_hook or "
+                "register_post_accumulate_grad_hook); the engine writes the clipped, noised "
+                "gradient itself, so the hook would never see it. Remove the hook and do the "
+                "work on param.grad after dp_opt.step() has written it"
+            )
+        if at_step and p not in engine.param_index and p.grad is not None:
+            raise RuntimeError(
+                f"dpkernels: parameter {name!r} was added to the model after make_private "
+                "(e.g. created in a forward) and holds a gradient that was neither clipped nor "
+                "noised. Create every parameter before make_private (run a dummy forward "
+                "first), or call dpkernels.detach(model) and make_private again"
+            )
 
 
 def _engine_class(clipping, max_grad_norm, distributed):
