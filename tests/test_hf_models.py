@@ -113,9 +113,8 @@ def test_llama_family_rmsnorm_on_the_fast_path(kind, tied):
     exact(m, lm_loss, x, y, float64=True)
 
 
-def test_bert_default_call_on_the_fast_path():
-    """BertForSequenceClassification called as ``model(input_ids)``: [1, T] position ids,
-    token type ids expanded from a buffer, LayerNorm, pooler."""
+def bert():
+    """A tiny BertForSequenceClassification (3 labels), float64, key biases frozen."""
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64,
                                   max_position_embeddings=16, hidden_dropout_prob=0.0,
@@ -127,9 +126,20 @@ def test_bert_default_call_on_the_fast_path():
         # q.(k + b) - q.(k' + b) does not depend on the key bias b, so its gradient is zero
         # up to rounding and no relative error of it means anything: frozen
         layer.attention.self.key.bias.requires_grad_(False)
+    return m
+
+
+def cls_loss(out, y):
+    return F.cross_entropy(out.logits, y)
+
+
+def test_bert_default_call_on_the_fast_path():
+    """BertForSequenceClassification called as ``model(input_ids)``: [1, T] position ids,
+    token type ids expanded from a buffer, LayerNorm, pooler."""
+    m = bert()
     x, _ = tokens(B=4)
     y = torch.tensor([0, 1, 2, 1])
-    exact(m, lambda out, y: F.cross_entropy(out.logits, y), x, y, float64=True)
+    exact(m, cls_loss, x, y, float64=True)
 
 
 class GemmaNormLM(torch.nn.Module):
@@ -157,9 +167,8 @@ def test_gemma_one_plus_w_rmsnorm():
     exact(m, lm_loss, x, y, float64=True)
 
 
-def test_gpt2_peft_lora_adapters_only():
-    """PEFT LoRA on GPT-2's Conv1D (fan_in_fan_out): only the adapters are trainable, so only
-    they get a (clipped) gradient; everything else stays None."""
+def gpt2_lora():
+    """GPT-2 with PEFT LoRA adapters (only they are trainable), lora_B away from zero."""
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
                           lora_dropout=0.0, fan_in_fan_out=True)
@@ -168,6 +177,13 @@ def test_gpt2_peft_lora_adapters_only():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0.0, 0.1)
+    return m
+
+
+def test_gpt2_peft_lora_adapters_only():
+    """PEFT LoRA on GPT-2's Conv1D (fan_in_fan_out): only the adapters are trainable, so only
+    they get a (clipped) gradient; everything else stays None."""
+    m = gpt2_lora()
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     x, y = tokens()
@@ -183,15 +199,21 @@ def checkpointing(model, reentrant):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    assert model.is_gradient_checkpointing
+    assert is_checkpointing(model)
 
 
-def dp_step(model, x, y):
+def is_checkpointing(model) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+def dp_step(model, x, y, loss_fn=lm_loss):
     """(per-sample norms, {name: grad}) of one noiseless DP step."""
     dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3,
-                                backend="reference")
-    lm_loss(model(x), y).backward()
+                                noise_multiplier=0.0, max_grad_norm=1.0,
+                                expected_batch_size=len(x), backend="reference")
+    loss_fn(model(x), y).backward()
     dp.step()
     dpkernels.detach(model)
     return dp.per_sample_norms, {n: p.grad for n, p in model.named_parameters()}
@@ -206,7 +228,7 @@ def test_gradient_checkpointing(reentrant):
     m = gpt2()
     ref = copy.deepcopy(m)
     checkpointing(m, reentrant)
-    assert not ref.is_gradient_checkpointing
+    assert not is_checkpointing(ref)
     x, y = tokens(seed=2)
     exact(m, lm_loss, x, y, reference=ref)
 
@@ -219,6 +241,35 @@ def test_gradient_checkpointing(reentrant):
     assert rel_err(ckpt[0], plain[0]) < RTOL_F64
     for n, g in plain[1].items():
         assert rel_err(ckpt[1][n], g) < RTOL_F64, n
+
+
+CHECKPOINTED = {
+    "mistral-gqa": lambda: (llama_like("mistral", tied=False), lm_loss, tokens(seed=3)),
+    "qwen2-gqa-tied": lambda: (llama_like("qwen2", tied=True), lm_loss, tokens(seed=3)),
+    "bert": lambda: (bert(), cls_loss, (tokens(B=4, seed=3)[0], torch.tensor([2, 0, 1, 1]))),
+    "gpt2-lora": lambda: (gpt2_lora(), lm_loss, tokens(seed=3)),
+}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_gradient_checkpointing_other_models(name, reentrant):
+    """The rest of the models above with HF's activation checkpointing on every layer: the same
+    per-sample norms and clipped gradients as without it (whose exactness the tests above show
+    against the float64 oracle), and no generic fallback."""
+    m, loss_fn, (x, y) = CHECKPOINTED[name]()
+    plain = dp_step(copy.deepcopy(m), x, y, loss_fn)
+    checkpointing(m, reentrant)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        ckpt = dp_step(m, x, y, loss_fn)
+    assert rel_err(ckpt[0], plain[0]) < RTOL_F64
+    assert any(g is not None for g in plain[1].values())
+    for n, g in plain[1].items():
+        if g is None:
+            assert ckpt[1][n] is None, n
+        else:
+            assert rel_err(ckpt[1][n], g) < RTOL_F64, n
 
 
 def test_gpt2_float32_triton():
