@@ -65,6 +65,8 @@ Example (``examples/hf_trainer.py`` runs it on a tiny random-init GPT-2)::
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -213,7 +215,27 @@ class DPTrainer(Trainer):
                             num_workers=self.args.dataloader_num_workers,
                             pin_memory=self.args.dataloader_pin_memory)
         use_loader(self.dp_optimizer, loader)
+        self._warn_past_calibration(len(sampler))
         return loader
+
+    def _warn_past_calibration(self, steps_per_epoch: int) -> None:
+        """Say before training, not at the step that crosses it, when this run will take more
+        DP steps than make_private(target_epsilon=...) calibrated the noise for (e.g.
+        ``epochs`` there is ``ceil(epochs / q)`` steps, here ``epochs * round(1 / q)``)."""
+        cal = self.dp_optimizer.calibration
+        if cal is None:
+            return
+        args = self.args
+        run = args.max_steps if args.max_steps > 0 else math.ceil(
+            args.num_train_epochs * steps_per_epoch)
+        total = self.dp_optimizer.steps + run
+        if total > cal.steps:
+            warnings.warn(
+                f"dpkernels: this train() runs {run} DP steps ({self.dp_optimizer.steps} taken "
+                f"before), {total} in all, but the noise multiplier was calibrated for "
+                f"{cal.steps} (target_epsilon={cal.target_epsilon:g}): the privacy spent will "
+                f"exceed the target. Calibrate with make_private(..., steps={total}) or set "
+                "max_steps / steps_per_epoch to fit.", stacklevel=3)
 
     # --- one Poisson batch = one DP step -----------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

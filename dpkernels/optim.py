@@ -333,6 +333,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_provenance()
         self.steps += 1
         self._log_step(self.sample_rate)
+        cal = self.calibration
+        if cal is not None and self.steps == cal.steps + 1:
+            warnings.warn(
+                f"dpkernels: step {self.steps} goes past the {cal.steps} steps the noise "
+                f"multiplier was calibrated for (make_private(target_epsilon={cal.target_epsilon:g}"
+                ", ...)): the privacy spent now exceeds the target; dp_opt.epsilon(delta) reports "
+                "what was really spent. Plan the run's length as steps= (or epochs= as "
+                "ceil(epochs / sample_rate) steps) to stay within the target.", stacklevel=2)
         if self.adaptive is not None:
             self.adaptive.after_step(self, step)  # C for the next step
         self._stepping = True

@@ -379,3 +379,29 @@ def test_sequence_classification_step_matches_the_oracle(tmp_path):
             assert (start[n] - p.detach()).norm() < 1e-15
             continue
         assert rel_err(start[n] - p.detach(), w) < RTOL_F64, n
+
+
+def test_warns_before_training_past_the_calibrated_steps(tmp_path):
+    """make_private(target_epsilon=..., steps=4) then a Trainer run of 6 DP steps: the budget
+    would be overspent; said before the first step (and again by the optimizer at step 5)."""
+    q = 0.25
+    model = gpt2(torch.float32)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                target_epsilon=8.0, target_delta=1e-5, sample_rate=q, steps=4,
+                                max_grad_norm=1.0, expected_batch_size=q * N)
+    trainer = hf.DPTrainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=dataset(),
+                           dp_optimizer=dp, sample_rate=q, steps_per_epoch=3)
+    with pytest.warns(UserWarning, match=r"runs 6 DP steps .* calibrated for 4") as rec:
+        trainer.train()
+    assert dp.steps == 6
+    assert any("step 5 goes past the 4 steps" in str(w.message) for w in rec)
+    # within the plan: silent
+    model = gpt2(torch.float32)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                target_epsilon=8.0, target_delta=1e-5, sample_rate=q, steps=6,
+                                max_grad_norm=1.0, expected_batch_size=q * N)
+    trainer = hf.DPTrainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=dataset(),
+                           dp_optimizer=dp, sample_rate=q, steps_per_epoch=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        trainer.train()

@@ -5,6 +5,7 @@ Issue 10, item 3.  The epsilon reached after the planned steps must lie within
 """
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -47,6 +48,15 @@ def test_target_epsilon_is_met_from_below_and_reported(caplog):
         dp.zero_grad()
     with pytest.warns(UserWarning, match="Poisson"):  # no Poisson loader was attached
         assert dp.epsilon(DELTA) == pytest.approx(eps, rel=1e-12)
+    # one step more than planned spends more than the target: said at that step, once
+    m(x).sum().backward()
+    with pytest.warns(UserWarning, match=r"step 11 goes past the 10 steps .*target_epsilon=2,"):
+        dp.step()
+    dp.zero_grad()
+    m(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dp.step()
 
 
 def test_planned_steps_rounds_up():
