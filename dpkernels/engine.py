@@ -93,6 +93,9 @@ class Engine:
         self._norm_sq: torch.Tensor | None = None  # read through the norm_sq property
         self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
         self._norm_rows: list[torch.Tensor] = []  # [B, N] rows whose norms are not yet taken
+        # grouped op -> (operands, [_Pending] rows) of the norms deferred to clip time
+        self._deferred: dict[str, list[tuple[tuple, list[_Pending]]]] = {}
+        self._pending_uses: list[Use] = []  # uses whose norm is deferred, given it when taken
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self._err_terms: list = []  # (S, kappa, T, norm_sq) per use: see err_sq
         self._err_parts: list[torch.Tensor] = []  # cross-term bounds
@@ -389,13 +392,52 @@ class Engine:
     # PerLayerEngine needs every use's norm through add_norm (its groups' norms)
     defer_norm_rows = True
 
+    def defers_norms(self) -> bool:
+        """Whether a layer may hand its norms over to ``defer_norm``: in the fast mode's one
+        backward (which keeps every use until clip time anyway), for engines that take all
+        norms at clip time."""
+        return self.phase is None and self.defer_norm_rows
+
+    def defer_norm(self, op: str, operands: tuple, rows: int) -> list[_Pending]:
+        """``rows`` [B] squared norms that ``op([operands, ...])`` computes, as a [rows in
+        all, B] tensor, for every use deferred to it at once: taken when first needed (at
+        clip time, or for a cross term of a later use of the same parameter)."""
+        held = [_Pending() for _ in range(rows)]
+        self._deferred.setdefault(op, []).append((operands, held))
+        return held
+
+    def _take_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, {}
+        for name, items in deferred.items():
+            out = iter(self.op(name, [ops for ops, _ in items]).unbind(0))
+            for _, held in items:
+                for h in held:
+                    h.value = next(out)
+        for use in self._pending_uses:
+            use.norm_sq = self._value(use.norm_sq)
+            if isinstance(getattr(use, "norm", None), _Pending):
+                use.norm = use.norm.value
+        self._pending_uses = []
+
+    def _value(self, norm):
+        """``norm``, or the tensor of a deferred one (computing the deferred norms)."""
+        if isinstance(norm, _Pending):
+            if norm.value is None:
+                self._take_deferred()
+            return norm.value
+        return norm
+
     def _add_norm(self, p: nn.Parameter, use: Use, earlier: list[Use]) -> None:
         """``use``'s squared norm and its cross terms with the ``earlier`` uses of ``p``, with
         what bounds their cancellation error, handed to ``add_norm`` (or, in the fast mode,
         deferred to ``err_sq``: one grouped pass over the magnitudes of all uses)."""
         own = use.raw_norm(self.op)
+        if earlier:  # a cross term to add: needs the value now
+            own = self._value(own)
         contrib = own
         use.norm_sq = own
+        if isinstance(own, _Pending):
+            self._pending_uses.append(use)
         # deferred only where the use is kept until clip time anyway (not in the low-memory
         # mode's norms pass), and for engines that take every bound at clip time
         defer = self.phase is None and self.defer_norm_rows
@@ -416,10 +458,11 @@ class Engine:
                 self._err_cross.append((theirs[0], mine[0], 2.0 * max(u.kappa(), use.kappa())
                                         * max(theirs[1], mine[1])))
                 continue
-            e = cross_error(u, use, u.norm_sq, own)
+            e = cross_error(u, use, self._value(u.norm_sq), self._value(own))
             if e is not None:
                 cross_err = e if cross_err is None else cross_err + e
-        self.add_norm(p, contrib, None if terms is None else (*terms, own), cross_err)
+        self.add_norm(p, contrib, None if terms is None else (*terms, self._value(own)),
+                      cross_err)
 
     def _magnitude_row(self, use: Use) -> tuple[int, float] | None:
         """(``use``'s row in the deferred magnitudes, the unit roundoff of its bound), or None
@@ -521,7 +564,9 @@ class Engine:
         """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
         each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
         are summed here in one pass (a few launches, not one or two per use)."""
-        parts = self._norm_parts
+        if self._deferred:
+            self._take_deferred()
+        parts = [self._value(t) for t in self._norm_parts]
         if self._norm_rows:
             parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))
             self._norm_rows = []
@@ -538,6 +583,7 @@ class Engine:
     @norm_sq.setter
     def norm_sq(self, value: torch.Tensor | None) -> None:
         self._norm_sq, self._norm_parts, self._norm_rows = value, [], []
+        self._deferred, self._pending_uses = {}, []
 
     def err_sq(self) -> torch.Tensor | None:
         """[B] bound on the rounding error of ``norm_sq`` from cancellation (layers/base.py)."""
@@ -546,7 +592,8 @@ class Engine:
             parts.append(cancellation_bounds(self._err_terms))
         if self._err_own or self._err_cross:
             M = self.op("magnitude_many", self._mag_items)  # [rows, B]
-            parts.append(stacked_bounds(M, self._err_own, self._err_cross))
+            own = [(r, k, c, self._value(n)) for r, k, c, n in self._err_own]
+            parts.append(stacked_bounds(M, own, self._err_cross))
         if not parts:
             return None
         if len(parts) == 1:
@@ -710,6 +757,16 @@ class Engine:
                 "Move the use into a module, freeze the parameter, or call dp_opt.zero_grad() "
                 "before the forward if the gradient was stale"
             )
+
+
+class _Pending:
+    """A [B] squared norm deferred to a grouped op (``Engine.defer_norm``): ``value`` once
+    taken."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
 
 
 def recomputing() -> bool:
