@@ -406,18 +406,22 @@ class Engine:
         self._deferred.setdefault(op, []).append((operands, held))
         return held
 
-    def _take_deferred(self) -> None:
+    def _take_deferred(self) -> list[tuple[torch.Tensor, list[_Pending]]]:
+        """Run the deferred grouped ops: ([rows, B] output, its rows' holders) per op."""
         deferred, self._deferred = self._deferred, {}
+        taken = []
         for name, items in deferred.items():
-            out = iter(self.op(name, [ops for ops, _ in items]).unbind(0))
-            for _, held in items:
-                for h in held:
-                    h.value = next(out)
+            block = self.op(name, [ops for ops, _ in items])
+            held = [h for _, hs in items for h in hs]
+            for h, row in zip(held, block.unbind(0)):
+                h.value = row
+            taken.append((block, held))
         for use in self._pending_uses:
             use.norm_sq = self._value(use.norm_sq)
             if isinstance(getattr(use, "norm", None), _Pending):
                 use.norm = use.norm.value
         self._pending_uses = []
+        return taken
 
     def _value(self, norm):
         """``norm``, or the tensor of a deferred one (computing the deferred norms)."""
@@ -564,8 +568,12 @@ class Engine:
         """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
         each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
         are summed here in one pass (a few launches, not one or two per use)."""
-        if self._deferred:
-            self._take_deferred()
+        taken = self._take_deferred() if self._deferred else []
+        if (len(taken) == 1 and self._norm_sq is None and not self._norm_rows
+                and list(map(id, taken[0][1])) == list(map(id, self._norm_parts))):
+            # every contribution is a row of one grouped op's output: one sum
+            self._norm_sq, self._norm_parts = taken[0][0].sum(0), []
+            return self._norm_sq
         parts = [self._value(t) for t in self._norm_parts]
         if self._norm_rows:
             parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))

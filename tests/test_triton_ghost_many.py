@@ -119,14 +119,15 @@ class Net(nn.Module):
         return self.pool(h.mean(1))  # T = 1 (a [B, d] input)
 
 
-def _norms(backend, dtype, defer, monkeypatch, twice, method):
+def _norms(backend, dtype, defer, monkeypatch, twice, method, net):
     from dpkernels.engine import Engine
 
     with monkeypatch.context() as mp:
         if not defer:
             mp.setattr(Engine, "defers_norms", lambda self: False)
         torch.manual_seed(0)
-        model = Net().to(dtype)
+        model = (Net() if net == "net" else nn.Sequential(nn.Linear(6, 6), nn.Tanh(),
+                                                           nn.Linear(6, 3))).to(dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0,
                                     loss_reduction="sum", backend=backend, seed=0,
@@ -138,6 +139,8 @@ def _norms(backend, dtype, defer, monkeypatch, twice, method):
             out.square().sum().backward()
             engine = model._dpkernels_engine
             assert bool(engine._deferred) == (defer and not twice)  # twice: taken already
+            if net == "linears" and defer:  # every norm from one grouped op: its one sum
+                assert all(type(t).__name__ == "_Pending" for t in engine._norm_parts)
             got = engine.norm_sq.clone(), engine.err_sq().clone()
             dp.step()
             return got
@@ -145,13 +148,16 @@ def _norms(backend, dtype, defer, monkeypatch, twice, method):
             dpkernels.detach(model)
 
 
-@pytest.mark.parametrize("backend,dtype,twice,method", [
-    ("reference", torch.float64, False, "auto"),
-    ("reference", torch.float64, True, "auto"),
-    ("reference", torch.float64, False, "ghost"),
-    ("triton", torch.float32, False, "ghost"),  # the grouped kernels (two Gram tiles, T = 1)
-], ids=["reference", "reference-two-backwards", "reference-ghost", "triton-ghost"])
-def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method,
+@pytest.mark.parametrize("backend,dtype,twice,method,net", [
+    ("reference", torch.float64, False, "auto", "net"),
+    ("reference", torch.float64, True, "auto", "net"),
+    ("reference", torch.float64, False, "ghost", "net"),
+    ("reference", torch.float64, False, "auto", "linears"),
+    ("triton", torch.float32, False, "ghost", "net"),  # the kernels (two Gram tiles, T = 1)
+    ("triton", torch.float32, False, "ghost", "linears"),
+], ids=["reference", "reference-two-backwards", "reference-ghost", "reference-linears",
+        "triton-ghost", "triton-linears"])
+def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method, net,
                                                     monkeypatch):
     """The fast mode defers the Linear norms to one linear_norms_many call at clip time; the
     squared norms and their cancellation bounds must be the ones computed during the backward.
@@ -159,8 +165,8 @@ def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method
     Triton kernels compute the same tile products and add the per-tile partials of every use
     in one sum instead of one per use, another order of at most a few dozen float32 additions:
     64 unit roundoffs, relatively."""
-    want = _norms(backend, dtype, False, monkeypatch, twice, method)
-    got = _norms(backend, dtype, True, monkeypatch, twice, method)
+    want = _norms(backend, dtype, False, monkeypatch, twice, method, net)
+    got = _norms(backend, dtype, True, monkeypatch, twice, method, net)
     rtol = 0.0 if dtype == torch.float64 else 64 * 2.0**-24
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=0)
