@@ -127,6 +127,7 @@ class Engine:
         self.acc: dict[nn.Parameter, torch.Tensor] = {}
         self.last_norms: torch.Tensor | None = None
         self.last_factors: torch.Tensor | None = None  # c_b of the last micro-batch
+        self.scaled_factors: torch.Tensor | None = None  # c_b * loss_scale (clip_factors)
         self._checked_devices: set[str] = set()
         self.attached = False
         self._hooked: set[nn.Parameter] = set()  # parameters with a leak hook
@@ -338,7 +339,7 @@ class Engine:
         elif batch_size != self.batch_size:
             raise ValueError(self._batch_mismatch(name, batch_size))
         if self.phase == "sums":
-            c = self.factors * self.loss_scale
+            c = self.scaled_factors  # factors * loss_scale, from clip_factors
             for p, use in uses:
                 if self.bad_samples is not None:
                     use.drop_samples(self.bad_samples)
@@ -568,25 +569,33 @@ class Engine:
         """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
         each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
         are summed here in one pass (a few launches, not one or two per use)."""
+        block = self._norm_block()
+        if block is not None:
+            self._norm_sq = block.sum(0)
+        return self._norm_sq
+
+    def _norm_block(self) -> torch.Tensor | None:
+        """[U, B] contributions to ``norm_sq`` not summed yet (the current ``norm_sq`` first, if
+        any), taking the deferred norms; None when there are none.  Clears them."""
         taken = self._take_deferred() if self._deferred else []
         if (len(taken) == 1 and self._norm_sq is None and not self._norm_rows
                 and list(map(id, taken[0][1])) == list(map(id, self._norm_parts))):
-            # every contribution is a row of one grouped op's output: one sum
-            self._norm_sq, self._norm_parts = taken[0][0].sum(0), []
-            return self._norm_sq
+            # every contribution is a row of one grouped op's output: no stack
+            self._norm_parts = []
+            return taken[0][0]
         parts = [self._value(t) for t in self._norm_parts]
         if self._norm_rows:
             parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))
             self._norm_rows = []
-        if parts:
-            if self._norm_sq is not None:
-                parts.insert(0, self._norm_sq)
-            dt = parts[0].dtype
-            for t in parts[1:]:
-                dt = torch.promote_types(dt, t.dtype)
-            self._norm_sq = torch.stack([t.to(dt) for t in parts]).sum(0)
-            self._norm_parts = []
-        return self._norm_sq
+        if not parts:
+            return None
+        if self._norm_sq is not None:
+            parts.insert(0, self._norm_sq)
+        dt = parts[0].dtype
+        for t in parts[1:]:
+            dt = torch.promote_types(dt, t.dtype)
+        self._norm_parts = []
+        return torch.stack([t.to(dt) for t in parts])
 
     @norm_sq.setter
     def norm_sq(self, value: torch.Tensor | None) -> None:
@@ -609,18 +618,35 @@ class Engine:
         return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
 
     def clip_factors(self) -> torch.Tensor | None:
-        if self.norm_sq is None:
-            return None
-        norm_sq = self.norm_sq
-        # norms, factors min(C / (bound + 1e-6), 1) from the bound of norm_bound, in one op
-        # (one launch on the Triton backend).  A sample whose gradient is not finite (NaN/inf
-        # loss, overflow) gets c_b = 0: its contribution then has norm 0 <= C, and its rows
-        # are zeroed before the clipped sums (0 * NaN would still be NaN).  One host sync per
-        # micro-batch (whether there is any).
-        norms, factors, all_finite = self.op("clip_factors", norm_sq, self.err_sq(),
-                                        self.loss_scale,
-                                        NORM_MARGIN.get(norm_sq.dtype, 2.0**-16),
-                                        self.max_grad_norm)
+        block = self._norm_block()
+        if block is None:
+            if self._norm_sq is None:
+                return None
+            block = self._norm_sq.unsqueeze(0)
+        # The squared norms (the sum of the contributions), the bound on their rounding error
+        # (err_sq's terms), norms, factors min(C / (bound + 1e-6), 1) from the bound of
+        # norm_bound and the factors times the loss scale, in one op (one launch on the
+        # Triton backend).  A sample whose gradient is not finite (NaN/inf loss, overflow)
+        # gets c_b = 0: its contribution then has norm 0 <= C, and its rows are zeroed before
+        # the clipped sums (0 * NaN would still be NaN).  One host sync per micro-batch
+        # (whether there is any).
+        errs = list(self._err_parts)
+        if self._err_terms:
+            errs.append(cancellation_bounds(self._err_terms))
+        M = own = None
+        if self._err_own or self._err_cross:
+            M = self.op("magnitude_many", self._mag_items)  # [rows, B]
+        if self._err_own:
+            norms_own = [self._value(n) for _, _, _, n in self._err_own]
+            dt = M.dtype
+            for n in norms_own:
+                dt = torch.promote_types(dt, n.dtype)
+            own = torch.stack([n.to(dt) for n in norms_own])
+        norm_sq, norms, factors, self.scaled_factors, all_finite = self.op(
+            "clip_from_parts", block, errs, M, own, [e[:3] for e in self._err_own],
+            self._err_cross, self.loss_scale, NORM_MARGIN.get(block.dtype, 2.0**-16),
+            self.max_grad_norm)
+        self._norm_sq = norm_sq
         self.last_norms = norms
         if not bool(all_finite):
             bad = ~torch.isfinite(norms)
@@ -680,9 +706,10 @@ class Engine:
             self._fold(finalize, noise_std, scale, seeds, noise)
 
     def _fold(self, finalize, noise_std, scale, seeds, noise) -> None:
+        self.scaled_factors = None
         c = self.clip_factors() if self.uses else None
         if c is not None:
-            c = c * self.loss_scale
+            c = self.scaled_factors  # c * loss_scale, from the same op
             if self.bad_samples is not None:
                 for uses in self.uses.values():
                     for u in uses:

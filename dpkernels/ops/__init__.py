@@ -3,6 +3,7 @@
 
 from dpkernels.ops import (  # noqa: F401
     bounds,
+    clip_many,
     conv,
     dense,
     embedding,

@@ -6,6 +6,7 @@ never changed to agree with a kernel.  Importing this package registers the ops.
 
 from dpkernels.reference import (  # noqa: F401
     bounds,
+    clip_many,
     conv,
     dense,
     embedding,
