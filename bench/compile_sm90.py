@@ -127,7 +127,16 @@ def at_run(self, *args, **kwargs):
 JITFunction.run = run
 Autotuner.run = at_run
 
-from dpkernels.ops import _common, conv, dense, embedding, linear, norms  # noqa: E402
+from dpkernels.ops import (  # noqa: E402
+    _common,
+    clip_many,
+    conv,
+    dense,
+    embedding,
+    ghost_many,
+    linear,
+    norms,
+)
 
 assert not _common.INTERPRET and _common.AUTOTUNE
 
@@ -145,6 +154,10 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
         linear.linear_cross(a, g, R(B, T + 5, d, dt=dt), R(B, T + 5, p, dt=dt))
         linear.linear_cross(a[:, :5], g[:, :5], a[:, :9], g[:, :9])
         linear.linear_bias_norm(g)
+    ghost_many.linear_norms_many([(R(4, 300, 257, dt=dt), R(4, 300, 190, dt=dt), "ghost", True),
+                                  (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
+                                  (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
+    ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True)])
     a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
@@ -188,6 +201,12 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
             conv.conv_norm(x, g, ws, st, pad, dil, grp, m)
         conv.conv_clipped_sum(x, g, torch.rand(xs[0]), ws, st, pad, dil, grp, None, 0.5, 9, 0.5)
 
+for B in (16, 3000):
+    clip_many.clip_from_parts(torch.rand(5, B), [torch.rand(B)], torch.rand(3, B),
+                              torch.rand(2, B), [(0, 1e-4, 1e-5), (2, 2e-4, 1e-5)],
+                              [(1, 2, 1e-4)], 16.0, 2.0**-16, 1.0)
+    clip_many.clip_from_parts(torch.rand(5, B), [], None, None, [], [], 1.0, 2.0**-16, 1.0)
+
 old = torch.backends.cuda.matmul.allow_tf32
 torch.backends.cuda.matmul.allow_tf32 = True
 a, g, c = R(3, 200, 300), R(3, 200, 260), torch.rand(3)
@@ -196,6 +215,7 @@ for m in ["ghost", "direct"]:
     linear.linear_norms(a, g, m, True)
 linear.linear_clipped_sum(a, g, c)
 linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
+ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True)])
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
 torch.backends.cuda.matmul.allow_tf32 = old
 
