@@ -157,7 +157,8 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
     ghost_many.linear_norms_many([(R(4, 300, 257, dt=dt), R(4, 300, 190, dt=dt), "ghost", True),
                                   (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
                                   (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
-    ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True)])
+    ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True),
+                                  (None, R(4, 16, 768, dt=dt), "auto", True)])
     a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)

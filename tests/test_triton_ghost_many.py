@@ -38,12 +38,18 @@ def _items(B):
         (torch.randn(B, 0, 3), torch.randn(B, 0, 2), "auto", True),  # T = 0
         (torch.randn(B, 4, 0), torch.randn(B, 4, 3), "auto", True),  # d = 0: a bias only
         (torch.randn(B, 6, 2, 8)[:, :, 1], torch.randn(B, 6, 5), "ghost", False),  # strided a
+        (None, torch.randn(B, 7, 2, 9)[:, :, 1], "auto", True),  # a bias alone, strided
+        (None, torch.randn(B, 1, 300), "auto", True),  # a bias alone, T = 1
+        (None, torch.randn(B, 0, 3), "auto", True),  # a bias alone, T = 0
     ]
 
 
 def _expected(items, dt):
     rows = []
     for a, g, method, with_bias in items:
+        if a is None:
+            rows.append(ref.linear_bias_norm(g.to(dt)))
+            continue
         w, b = ref.linear_norms(a.to(dt), g.to(dt), method, with_bias)
         rows += [w] + ([b] if with_bias else [])
     return rows
@@ -60,8 +66,8 @@ def test_linear_norms_many(B):
         check(out[r], e64, e32, f"row {r}")
 
 
-@pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3]], ids=["ghost", "ghost-2T",
-                                                                        "rows", "ghost+rows"])
+@pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3], [11], [1, 11, 12]],
+                         ids=["ghost", "ghost-2T", "rows", "ghost+rows", "bias", "ghost+biases"])
 def test_linear_norms_many_one_kind(which):
     """Each launch alone and in the combinations that decide whether unwritten partials are
     zeroed (one ghost width, two widths, T == 1 only, T == 1 beside ghost)."""
@@ -79,6 +85,8 @@ def test_linear_norms_many_refuses_bad_inputs():
                                       (torch.randn(3, 3, 4), torch.randn(3, 3, 5), "auto", 0)])
     with pytest.raises(ValueError, match="no inputs"):
         ghost_many.linear_norms_many([])
+    with pytest.raises(ValueError, match="neither a weight"):
+        ghost_many.linear_norms_many([(None, torch.randn(2, 3, 5), "auto", False)])
     with pytest.raises(ValueError, match="method must be"):
         ghost_many.linear_norms_many([(torch.randn(2, 3, 4), torch.randn(2, 3, 5), "gram", 0)])
     with pytest.raises(TypeError, match="unsupported dtype"):

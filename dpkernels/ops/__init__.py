@@ -9,5 +9,6 @@ from dpkernels.ops import (  # noqa: F401
     embedding,
     ghost_many,
     linear,
+    norm_parts,
     norms,
 )

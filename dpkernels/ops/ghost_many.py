@@ -3,8 +3,10 @@
 ``linear_norms_many`` computes what ``linear_norms`` (ops/linear.py) computes per layer, for
 all uses the engine deferred to clip time: one launch for the ghost-form uses (T > 1, the
 same tiled Gram products as ``_linear_ghost_kernel``), one for the T == 1 uses (products of
-row norms), a table of addresses and strides per launch, and one sum of the per-tile partials
-for all of them.  Uses of another form (direct, empty) run ``linear_norms`` one by one.
+row norms), one for biases alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm
+layer's per-sample terms kept as partial sums), a table of addresses and strides per launch,
+and one sum of the per-tile partials for all of them.  Uses of another form (direct, empty)
+run ``linear_norms`` one by one.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def _no_spill(configs, named_args, **kwargs):
 def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
                        TYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sample ``program_id(0)``, use ``program_id(1)``, tile pair ``program_id(2)`` (i <= j,
-    from the pair table of the longest use; a pair past this use's T contributes 0):
+    """Sample ``program_id(0)``, use ``program_id(1)``, partial ``q = program_id(2)`` < n_part:
+    tile pair q (i <= j, from the pair table of the longest use of the launch, n_pairs
+    entries; a pair past this use's T, or q >= n_pairs, contributes 0):
     ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} (a_t.a_s)(g_t.g_s)`` and, with a bias row,
     ``part[k, b, q] = (1 or 2) sum_{t in i, s in j} g_t.g_s``; off-diagonal pairs count twice."""
     b = tl.program_id(0).to(tl.int64)
@@ -76,11 +79,12 @@ def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
     T = tl.load(row + 10)
     kw = tl.load(row + 11)
     kb = tl.load(row + 12)
-    ti = tl.load(pairs_ptr + 2 * q).to(tl.int64)
-    tj = tl.load(pairs_ptr + 2 * q + 1).to(tl.int64)
+    qp = tl.minimum(q, n_pairs - 1)
+    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
+    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
     s = 0.0
     sb = 0.0
-    if tj * BLOCK_T < T:
+    if (q < n_pairs) & (tj * BLOCK_T < T):
         ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
         rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
         mi = ri < T
@@ -133,9 +137,46 @@ def _row_product_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
     g_sq = tl.sum(sg, axis=0)
     kw = tl.load(row + 11)
     kb = tl.load(row + 12)
-    tl.store(part_ptr + (kw * B + b) * n_part, tl.sum(sa, axis=0) * g_sq)
+    _store_first(part_ptr + (kw * B + b) * n_part, tl.sum(sa, axis=0) * g_sq, n_part)
     if kb >= 0:
-        tl.store(part_ptr + (kb * B + b) * n_part, g_sq)
+        _store_first(part_ptr + (kb * B + b) * n_part, g_sq, n_part)
+
+
+@triton.jit
+def _store_first(ptr, value, n_part):
+    """``ptr[0] = value`` and ``ptr[1:n_part] = 0``: a use with a single partial."""
+    tl.store(ptr, value)
+    for q in range(1, n_part):
+        tl.store(ptr + q, 0.0)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_P": 128}, num_warps=4),
+        triton.Config({"BLOCK_P": 512}, num_warps=4),
+    ],
+    key=["TYPE"],
+)
+@triton.jit
+def _bias_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
+                      BLOCK_P: tl.constexpr):
+    """A bias alone, sample ``program_id(0)``, use ``program_id(1)``: ``part[k, b, 0] =
+    ||sum_t g_bt||^2`` (a sum over t for every column, then the squares)."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+    sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+    p, T = tl.load(row + 9), tl.load(row + 10)
+    ks = tl.arange(0, BLOCK_P).to(tl.int64)
+    sq = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_P):
+        k = k0 + ks
+        col = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for t in range(0, T):
+            col += tl.load(g_ptr + b * sgb + t * sgt + k * sgk, mask=k < p,
+                           other=0.0).to(tl.float32)
+        sq += col * col
+    _store_first(part_ptr + (tl.load(row + 12) * B + b) * n_part, tl.sum(sq, axis=0), n_part)
 
 
 def _block_t(T: int) -> int:
@@ -150,27 +191,38 @@ def _note_cost(nbytes: float, flops: float) -> None:
     cannot read)."""
 
 
-def _table(rows: list[list[int]], device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
 @register("linear_norms_many", "triton")
 def linear_norms_many(items: list) -> torch.Tensor:
     """[rows, B] float32 ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
-    with_bias)`` of ``items`` (weight row, then the bias row when with_bias): one launch per
-    kind (ghost, T == 1) and dtype, one sum over the tile partials."""
+    with_bias)`` of ``items`` (weight row, then the bias row when with_bias; ``a`` None: the
+    bias row alone): one launch per kind (ghost, T == 1, bias alone) and dtype, one sum over
+    the tile partials."""
     B, n_rows = ref.check_items("linear_norms_many", items)
     if any(use_reference(a, g) for a, g, _, _ in items):
         return ref.linear_norms_many(items)
-    device = items[0][0].device
+    device = items[0][1].device
     out_rows = ref.out_rows(items)
     ghost: dict[tuple, list] = {}  # (dtype, BLOCK_T) -> table rows
     prods: dict[torch.dtype, list] = {}  # T == 1: dtype -> table rows
+    biases: dict[torch.dtype, list] = {}  # a bias alone: dtype -> table rows
     alone: list[int] = []  # items computed by linear_norms one by one
     keep = []  # operands cast here must live until their launch
     n_tiles: dict[tuple, int] = {}  # the most t-tiles of a use of the launch
     cost: dict = {}  # launch key -> [bytes of the operands, FLOPs]
     for i, (a, g, method, with_bias) in enumerate(items):
+        if a is None:
+            check_float("linear_norms_many", g)
+            if B and g.shape[1] and g.shape[2]:
+                biases.setdefault(g.dtype, []).append(
+                    [0, 0, 0, 0, 0, g.data_ptr(), g.stride(0), g.stride(1), g.stride(2),
+                     g.shape[2], g.shape[1], -1, out_rows[i][1]])
+                c = cost.setdefault(("bias", g.dtype), [0.0, 0.0])
+                c[0] += g.numel() * g.element_size()
+            else:
+                alone.append(i)
+            continue
         check_float("linear_norms_many", a, g)
         T, d, p = a.shape[1], a.shape[2], g.shape[2]
         if B == 0 or T == 0 or d == 0 or p == 0:
@@ -198,30 +250,44 @@ def linear_norms_many(items: list) -> torch.Tensor:
         c[0] += (a.numel() + g.numel()) * a.element_size()
         c[1] += B * n * (n + 1) // 2 * 2.0 * bt * bt * (d + p)
     n_pairs = {k: n * (n + 1) // 2 for k, n in n_tiles.items()}
+    # every launch writes all n_part partials of its rows (0 where it has none)
     n_part = max([1, *n_pairs.values()])
-    # a partial no program writes must be 0: several launches of different widths, or
-    # T == 1 uses next to ghost ones
-    zero = n_part > 1 and (len(set(n_pairs.values())) > 1 or bool(prods))
-    part = (torch.zeros if zero else torch.empty)(n_rows, B, n_part, dtype=torch.float32,
-                                                  device=device)
+    part = torch.empty(n_rows, B, n_part, dtype=torch.float32, device=device)
+    # the rows of every launch in one table: one host-to-device copy, a slice per launch
+    launches = [*ghost.values(), *prods.values(), *biases.values()]
+    starts = [0]
+    for rows in launches:
+        starts.append(starts[-1] + len(rows))
+    table = None
+    if launches:
+        table = torch.tensor([r for rows in launches for r in rows],
+                             dtype=torch.int64).to(device, non_blocking=True)
+    slices = iter([table[a:b] for a, b in zip(starts, starts[1:])])
     for (dt, bt), rows in ghost.items():
-        n = n_pairs[(dt, bt)]
         pairs = upper_pairs(n_tiles[(dt, bt)], device)
         _note_cost(*cost[(dt, bt)])
-        _ghost_many_kernel[(B, len(rows), n)](
-            table_ptr=_table(rows, device), pairs_ptr=pairs, part_ptr=part, B=B, n_pairs=n,
-            n_part=n_part, TYPE=_TYPES[dt], UPCAST=INTERPRET, PRECISION=dot_precision(dt),
-            BLOCK_T=bt)
+        _ghost_many_kernel[(B, len(rows), n_part)](
+            table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
+            n_pairs=n_pairs[(dt, bt)], n_part=n_part, TYPE=_TYPES[dt], UPCAST=INTERPRET,
+            PRECISION=dot_precision(dt), BLOCK_T=bt)
     for dt, rows in prods.items():
         _note_cost(*cost[dt])
         _row_product_many_kernel[(B, len(rows))](
-            table_ptr=_table(rows, device), part_ptr=part, B=B, n_part=n_part,
+            table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
+            TYPE=_TYPES[dt])
+    for dt, rows in biases.items():
+        _note_cost(*cost[("bias", dt)])
+        _bias_many_kernel[(B, len(rows))](
+            table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
             TYPE=_TYPES[dt])
     out = part.view(n_rows, B) if n_part == 1 else part.sum(-1)
     for i in alone:
         a, g, method, with_bias = items[i]
-        w, b = linear.linear_norms(a, g, method, bool(with_bias))
         kw, kb = out_rows[i]
+        if a is None:
+            out[kb].copy_(linear.linear_bias_norm(g))
+            continue
+        w, b = linear.linear_norms(a, g, method, bool(with_bias))
         out[kw].copy_(w)
         if with_bias:
             out[kb].copy_(b)

@@ -12,5 +12,6 @@ from dpkernels.reference import (  # noqa: F401
     embedding,
     ghost_many,
     linear,
+    norm_parts,
     norms,
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpkernels.dispatch import register
-from dpkernels.reference.linear import linear_norms
+from dpkernels.reference.linear import linear_bias_norm, linear_norms
 
 
 def check_items(name: str, items: list) -> tuple[int, int]:
@@ -19,13 +19,19 @@ def check_items(name: str, items: list) -> tuple[int, int]:
     checked."""
     if not items:
         raise ValueError(f"dpkernels.ops.{name}: no inputs")
-    B = items[0][0].shape[0] if isinstance(items[0][0], torch.Tensor) else None
+    first = items[0][0] if items[0][0] is not None else items[0][1]
+    B = first.shape[0] if isinstance(first, torch.Tensor) else None
     rows = 0
     for i, item in enumerate(items):
         if len(item) != 4:
             raise ValueError(f"dpkernels.ops.{name}: input {i} is not (a, g, method, "
                              "with_bias)")
         a, g, method, with_bias = item
+        if a is None and not with_bias:
+            raise ValueError(f"dpkernels.ops.{name}: input {i} has neither a weight (a is "
+                             "None) nor a bias (with_bias is false)")
+        if a is None:  # a bias alone: a stands in for its shape
+            a = g
         if (not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor) or a.dim() != 3
                 or g.dim() != 3 or a.shape[:2] != g.shape[:2] or a.shape[0] != B):
             raise ValueError(
@@ -35,16 +41,18 @@ def check_items(name: str, items: list) -> tuple[int, int]:
         if method not in ("auto", "ghost", "direct"):
             raise ValueError(f"dpkernels.ops.{name}: input {i}: method must be 'auto', "
                              f"'ghost' or 'direct', got {method!r}")
-        rows += 1 + bool(with_bias)
+        rows += (item[0] is not None) + bool(with_bias)
     return B, rows
 
 
 def out_rows(items: list) -> list[tuple[int, int]]:
-    """(weight row, bias row or -1) of every item in the [rows, B] output."""
+    """(weight row or -1, bias row or -1) of every item in the [rows, B] output."""
     out, r = [], 0
-    for _, _, _, with_bias in items:
-        out.append((r, r + 1 if with_bias else -1))
-        r += 1 + bool(with_bias)
+    for a, _, _, with_bias in items:
+        w = -1 if a is None else r
+        r += a is not None
+        out.append((w, r if with_bias else -1))
+        r += bool(with_bias)
     return out
 
 
@@ -52,10 +60,15 @@ def out_rows(items: list) -> list[tuple[int, int]]:
 def linear_norms_many(items: list) -> torch.Tensor:
     """[rows, B] ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
     with_bias)`` of ``items``: the weight norm ``||sum_t g_t a_t^T||^2``, then, with_bias, the
-    bias norm ``||sum_t g_t||^2`` on the next row.  float32 (float64 when an input is)."""
+    bias norm ``||sum_t g_t||^2`` on the next row; ``a`` None: the bias norm alone (a Linear
+    with a frozen weight, or rows of partial sums such as a norm layer's).  float32 (float64
+    when an input is)."""
     check_items("linear_norms_many", items)
     parts = []
     for a, g, method, with_bias in items:
+        if a is None:
+            parts.append(linear_bias_norm(g))
+            continue
         w, b = linear_norms(a, g, method, bool(with_bias))
         parts.append(w)
         if with_bias:
