@@ -574,14 +574,17 @@ class Engine:
             self._norm_sq = block.sum(0)
         return self._norm_sq
 
-    def _norm_block(self) -> torch.Tensor | None:
+    def _norm_block(self, rows: list | None = None) -> torch.Tensor | None:
         """[U, B] contributions to ``norm_sq`` not summed yet (the current ``norm_sq`` first, if
-        any), taking the deferred norms; None when there are none.  Clears them."""
+        any), taking the deferred norms; None when there are none.  Clears them.  ``rows``:
+        extended with the U tensors the block's rows are, in order."""
+        rows = [] if rows is None else rows
         taken = self._take_deferred() if self._deferred else []
         if (len(taken) == 1 and self._norm_sq is None and not self._norm_rows
                 and list(map(id, taken[0][1])) == list(map(id, self._norm_parts))):
             # every contribution is a row of one grouped op's output: no stack
             self._norm_parts = []
+            rows.extend(h.value for h in taken[0][1])
             return taken[0][0]
         parts = [self._value(t) for t in self._norm_parts]
         if self._norm_rows:
@@ -595,6 +598,7 @@ class Engine:
         for t in parts[1:]:
             dt = torch.promote_types(dt, t.dtype)
         self._norm_parts = []
+        rows.extend(parts)
         return torch.stack([t.to(dt) for t in parts])
 
     @norm_sq.setter
@@ -618,7 +622,8 @@ class Engine:
         return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
 
     def clip_factors(self) -> torch.Tensor | None:
-        block = self._norm_block()
+        rows: list[torch.Tensor] = []
+        block = self._norm_block(rows)
         if block is None:
             if self._norm_sq is None:
                 return None
@@ -641,7 +646,10 @@ class Engine:
             dt = M.dtype
             for n in norms_own:
                 dt = torch.promote_types(dt, n.dtype)
-            own = torch.stack([n.to(dt) for n in norms_own])
+            if block.dtype == dt and list(map(id, norms_own)) == list(map(id, rows)):
+                own = block  # every use's own norm is its whole contribution: the same rows
+            else:
+                own = torch.stack([n.to(dt) for n in norms_own])
         norm_sq, norms, factors, self.scaled_factors, all_finite = self.op(
             "clip_from_parts", block, errs, M, own, [e[:3] for e in self._err_own],
             self._err_cross, self.loss_scale, NORM_MARGIN.get(block.dtype, 2.0**-16),

@@ -118,20 +118,33 @@ def test_clip_from_parts_resolves_to_triton():
     assert backend == "triton" and fn.__module__.startswith("dpkernels.ops")
 
 
+@pytest.mark.parametrize("net", ["tied", "plain"])
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float64),
                                            ("triton", torch.float32)])
-def test_engine_clip_factors_are_the_composed_steps(backend, dtype):
+def test_engine_clip_factors_are_the_composed_steps(backend, dtype, net):
     """The engine's clip op gets the micro-batch's norm contributions and bound terms and must
     give what summing them, ``err_sq`` and ``clip_factors`` give (float64: identically; float32:
-    the rule above, for the terms of this model)."""
+    the rule above, for the terms of this model).  "tied": cross terms, so the uses' own norms
+    are not their contributions; "plain": they are, and the op gets them as one block."""
     from test_bounds_deferred import Tied
+    from torch import nn
 
     import dpkernels
     from dpkernels.engine import NORM_MARGIN
     from dpkernels.reference import bounds as ref_bounds
 
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.fc = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 11, bias=False)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.fc(self.emb(ids))))
+
     torch.manual_seed(0)
-    model = Tied().to(dtype)
+    model = (Tied() if net == "tied" else Plain()).to(dtype)
     dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
                                 noise_multiplier=0.0, max_grad_norm=0.05, backend=backend,
                                 expected_batch_size=4, seed=0)
@@ -155,7 +168,8 @@ def test_engine_clip_factors_are_the_composed_steps(backend, dtype):
         dpkernels.detach(model)
     (args, got), = calls
     block, L = args[0], engine.loss_scale
-    assert block.shape[0] > 1 and args[3] is not None and args[5]  # sums, own bounds, cross
+    assert block.shape[0] > 1 and args[3] is not None  # sums, own bounds
+    assert bool(args[5]) == (net == "tied") and (args[3] is block) == (net == "plain")
     nsq = block.sum(0)
     norms, fac, _ = ref_bounds.clip_factors(nsq, err_want, L, NORM_MARGIN[dtype], 0.05)
     assert (fac < 1).any()  # some samples clipped
