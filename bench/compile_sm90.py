@@ -158,7 +158,11 @@ for dt in [torch.float32, torch.bfloat16, torch.float16]:
                                   (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
                                   (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
     ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True),
-                                  (None, R(4, 16, 768, dt=dt), "auto", True)])
+                                  (None, R(4, 16, 768, dt=dt), "auto", True),
+                                  (torch.randint(0, 100, (4, 300)), R(4, 300, 768, dt=dt),
+                                   "embedding", 0),
+                                  (torch.randint(0, 100, (4, 40)), R(4, 40, 64, dt=dt),
+                                   "embedding", None)])
     a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
@@ -216,7 +220,8 @@ for m in ["ghost", "direct"]:
     linear.linear_norms(a, g, m, True)
 linear.linear_clipped_sum(a, g, c)
 linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
-ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True)])
+ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True),
+                              (torch.randint(0, 100, (3, 200)), g, "embedding", 0)])
 embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
 torch.backends.cuda.matmul.allow_tf32 = old
 

@@ -293,7 +293,8 @@ def _record_launch(self, grid):
 # (bytes, FLOPs) that the launchers of table-driven kernels note before a launch: the table's
 # contents (the operands' addresses and shapes) cannot be read from a traced launch's fake
 # tensors
-NOTED_KERNELS = {"_ghost_many_kernel", "_row_product_many_kernel", "_bias_many_kernel"}
+NOTED_KERNELS = {"_ghost_many_kernel", "_row_product_many_kernel", "_bias_many_kernel",
+                 "_embedding_many_kernel"}
 _NOTED: list[tuple[float, float]] = []
 
 

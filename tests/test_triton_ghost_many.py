@@ -19,12 +19,15 @@ from torch import nn  # noqa: E402
 import dpkernels  # noqa: E402
 from dpkernels import dispatch  # noqa: E402
 from dpkernels.ops import ghost_many  # noqa: E402
+from dpkernels.reference import embedding as ref_emb  # noqa: E402
 from dpkernels.reference import ghost_many as ref_many  # noqa: E402
 from dpkernels.reference import linear as ref  # noqa: E402
 
 
 def _items(B):
     g_t = torch.randn(B, 9, 40).transpose(1, 2)  # [B, 40, 9], strided like a conv backprop
+    ids = torch.randint(0, 5, (B, 40))  # few ids: many equal pairs
+    ids[:, -3:] = 0
     return [
         (torch.randn(B, 40, 5), torch.randn(B, 40, 7), "ghost", True),  # 2 tiles of 32
         (torch.randn(B, 70, 3), torch.randn(B, 70, 4), "auto", False),  # 3 tiles, ghost
@@ -41,12 +44,19 @@ def _items(B):
         (None, torch.randn(B, 7, 2, 9)[:, :, 1], "auto", True),  # a bias alone, strided
         (None, torch.randn(B, 1, 300), "auto", True),  # a bias alone, T = 1
         (None, torch.randn(B, 0, 3), "auto", True),  # a bias alone, T = 0
+        (ids, torch.randn(B, 40, 6), "embedding", 0),  # an Embedding with a padding id
+        (ids[:, :33].to(torch.int32), torch.randn(B, 33, 5), "embedding", None),
+        (ids[:, :1], torch.randn(B, 1, 4), "embedding", None),  # T = 1
+        (ids[:, :0], torch.randn(B, 0, 4), "embedding", 2),  # T = 0
     ]
 
 
 def _expected(items, dt):
     rows = []
     for a, g, method, with_bias in items:
+        if method == "embedding":
+            rows.append(ref_emb.embedding_norm(a, g.to(dt), with_bias))
+            continue
         if a is None:
             rows.append(ref.linear_bias_norm(g.to(dt)))
             continue
@@ -66,8 +76,10 @@ def test_linear_norms_many(B):
         check(out[r], e64, e32, f"row {r}")
 
 
-@pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3], [11], [1, 11, 12]],
-                         ids=["ghost", "ghost-2T", "rows", "ghost+rows", "bias", "ghost+biases"])
+@pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3], [11], [1, 11, 12], [14],
+                                   [1, 14, 15, 16]],
+                         ids=["ghost", "ghost-2T", "rows", "ghost+rows", "bias", "ghost+biases",
+                              "embedding", "ghost+embeddings"])
 def test_linear_norms_many_one_kind(which):
     """Each launch alone and in the combinations that decide whether unwritten partials are
     zeroed (one ghost width, two widths, T == 1 only, T == 1 beside ghost)."""
@@ -85,6 +97,12 @@ def test_linear_norms_many_refuses_bad_inputs():
                                       (torch.randn(3, 3, 4), torch.randn(3, 3, 5), "auto", 0)])
     with pytest.raises(ValueError, match="no inputs"):
         ghost_many.linear_norms_many([])
+    with pytest.raises(ValueError, match="embedding"):
+        ghost_many.linear_norms_many([(torch.zeros(2, 4, dtype=torch.long), torch.randn(2, 3, 5),
+                                       "embedding", None)])
+    with pytest.raises(TypeError, match="ids must be integers"):
+        ghost_many.linear_norms_many([(torch.zeros(2, 3), torch.randn(2, 3, 5), "embedding",
+                                       None)])
     with pytest.raises(ValueError, match="neither a weight"):
         ghost_many.linear_norms_many([(None, torch.randn(2, 3, 5), "auto", False)])
     with pytest.raises(ValueError, match="method must be"):
@@ -134,20 +152,26 @@ def _norms(backend, dtype, defer, monkeypatch, twice, method, net):
         if not defer:
             mp.setattr(Engine, "defers_norms", lambda self: False)
         torch.manual_seed(0)
-        model = (Net() if net == "net" else nn.Sequential(nn.Linear(6, 6), nn.Tanh(),
-                                                           nn.Linear(6, 3))).to(dtype)
+        if net == "embedding":
+            model = nn.Sequential(nn.Embedding(11, 6, padding_idx=0), nn.Linear(6, 3)).to(dtype)
+            inp = torch.randint(0, 4, (2, 33))  # few ids: many equal pairs
+            inp[:, -2:] = 0
+        else:
+            model = (Net() if net == "net" else nn.Sequential(nn.Linear(6, 6), nn.Tanh(),
+                                                               nn.Linear(6, 3))).to(dtype)
+            inp = torch.randn(2, 33, 6, dtype=dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0,
                                     loss_reduction="sum", backend=backend, seed=0,
                                     norm_method=method)
         try:
-            out = model(torch.randn(2, 33, 6, dtype=dtype))
+            out = model(inp)
             if twice:  # two backwards of one forward: the second use of each parameter
                 out.sum().backward(retain_graph=True)
             out.square().sum().backward()
             engine = model._dpkernels_engine
             assert bool(engine._deferred) == (defer and not twice)  # twice: taken already
-            if net == "linears" and defer:  # every norm from one grouped op: its one sum
+            if net != "net" and defer:  # every norm from one grouped op: its one sum
                 assert all(type(t).__name__ == "_Pending" for t in engine._norm_parts)
             got = engine.norm_sq.clone(), engine.err_sq().clone()
             dp.step()
@@ -163,8 +187,10 @@ def _norms(backend, dtype, defer, monkeypatch, twice, method, net):
     ("reference", torch.float64, False, "auto", "linears"),
     ("triton", torch.float32, False, "ghost", "net"),  # the kernels (two Gram tiles, T = 1)
     ("triton", torch.float32, False, "ghost", "linears"),
+    ("reference", torch.float64, False, "auto", "embedding"),
+    ("triton", torch.float32, False, "auto", "embedding"),
 ], ids=["reference", "reference-two-backwards", "reference-ghost", "reference-linears",
-        "triton-ghost", "triton-linears"])
+        "triton-ghost", "triton-linears", "reference-embedding", "triton-embedding"])
 def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method, net,
                                                     monkeypatch):
     """The fast mode defers the Linear norms to one linear_norms_many call at clip time; the

@@ -4,8 +4,9 @@
 all uses the engine deferred to clip time: one launch for the ghost-form uses (T > 1, the
 same tiled Gram products as ``_linear_ghost_kernel``), one for the T == 1 uses (products of
 row norms), one for biases alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm
-layer's per-sample terms kept as partial sums), a table of addresses and strides per launch,
-and one sum of the per-tile partials for all of them.  Uses of another form (direct, empty)
+layer's per-sample terms kept as partial sums), one for Embeddings (the tiled
+``sum_{t,s} [x_t = x_s] (g_t.g_s)`` of ``embedding_norm``), one table of addresses and strides
+for all launches, and one sum of the per-tile partials for all of them.  Uses of another form (direct, empty)
 run ``linear_norms`` one by one.
 """
 
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from dpkernels.dispatch import register
-from dpkernels.ops import linear
+from dpkernels.ops import embedding, linear
 from dpkernels.ops._common import (
     INTERPRET,
     autotune,
@@ -31,6 +32,8 @@ from dpkernels.reference import ghost_many as ref
 from dpkernels.reference.linear import choose_method
 
 _TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_IDS_TYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.int16: tl.int16,
+              torch.int8: tl.int8, torch.uint8: tl.uint8}
 
 # A table row: a's address, strides (b, t, k) and width d; g's address, strides and width p;
 # T; the output row of the weight norm and of the bias norm (-1: none).
@@ -142,6 +145,50 @@ def _row_product_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
         _store_first(part_ptr + (kb * B + b) * n_part, g_sq, n_part)
 
 
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ],
+    key=["n_pairs", "BLOCK_T", "PRECISION"],
+    prune_configs_by={"early_config_prune": _no_spill},
+)
+@triton.jit
+def _embedding_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
+                           IDS_TYPE: tl.constexpr, TYPE: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """An Embedding use (ids in the table's a slots, the padding id in slot 4, -1: none), as
+    ``_ghost_many_kernel``: ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} [x_t = x_s]
+    (g_t.g_s)`` over non-padding positions."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    q = tl.program_id(2).to(tl.int64)
+    T = tl.load(row + 10)
+    kw = tl.load(row + 11)
+    qp = tl.minimum(q, n_pairs - 1)
+    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
+    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
+    s = 0.0
+    if (q < n_pairs) & (tj * BLOCK_T < T):
+        ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        mi = ri < T
+        mj = rj < T
+        ids_ptr = tl.load(row + 0).to(tl.pointer_type(IDS_TYPE))
+        sib, sit, pad = tl.load(row + 1), tl.load(row + 2), tl.load(row + 4)
+        xi = tl.load(ids_ptr + b * sib + ri * sit, mask=mi, other=0).to(tl.int64)  # [BT]
+        xj = tl.load(ids_ptr + b * sib + rj * sit, mask=mj, other=0).to(tl.int64)  # [BT]
+        eq = (xi[:, None] == xj[None, :]) & mi[:, None] & mj[None, :] & (xi[:, None] != pad)
+        g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+        sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+        gram = gram_tile(g_ptr, sgb, sgt, sgk, g_ptr, sgb, sgt, sgk, b, ri, rj, mi, mj,
+                         tl.load(row + 9), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
+        s = tl.sum(tl.sum(tl.where(eq, gram, 0.0), axis=1), axis=0) * tl.where(ti == tj, 1.0,
+                                                                               2.0)
+    tl.store(part_ptr + (kw * B + b) * n_part + q, s)
+
+
 @triton.jit
 def _store_first(ptr, value, n_part):
     """``ptr[0] = value`` and ``ptr[1:n_part] = 0``: a use with a single partial."""
@@ -207,11 +254,30 @@ def linear_norms_many(items: list) -> torch.Tensor:
     ghost: dict[tuple, list] = {}  # (dtype, BLOCK_T) -> table rows
     prods: dict[torch.dtype, list] = {}  # T == 1: dtype -> table rows
     biases: dict[torch.dtype, list] = {}  # a bias alone: dtype -> table rows
+    embs: dict[tuple, list] = {}  # (ids dtype, dtype, BLOCK_T) -> table rows
     alone: list[int] = []  # items computed by linear_norms one by one
     keep = []  # operands cast here must live until their launch
     n_tiles: dict[tuple, int] = {}  # the most t-tiles of a use of the launch
     cost: dict = {}  # launch key -> [bytes of the operands, FLOPs]
     for i, (a, g, method, with_bias) in enumerate(items):
+        if method == "embedding":
+            check_float("linear_norms_many", g)
+            T, p = g.shape[1], g.shape[2]
+            if B == 0 or T == 0 or p == 0 or a.dtype not in _IDS_TYPES:
+                alone.append(i)
+                continue
+            bt = _block_t(T)
+            key = ("embedding", a.dtype, g.dtype, bt)
+            pad = -1 if with_bias is None else int(with_bias)
+            embs.setdefault(key, []).append(
+                [a.data_ptr(), a.stride(0), a.stride(1), 0, pad, g.data_ptr(), g.stride(0),
+                 g.stride(1), g.stride(2), p, T, out_rows[i][0], -1])
+            n = triton.cdiv(T, bt)
+            n_tiles[key] = max(n_tiles.get(key, 0), n)
+            c = cost.setdefault(key, [0.0, 0.0])
+            c[0] += a.numel() * a.element_size() + g.numel() * g.element_size()
+            c[1] += B * n * (n + 1) // 2 * 2.0 * bt * bt * p
+            continue
         if a is None:
             check_float("linear_norms_many", g)
             if B and g.shape[1] and g.shape[2]:
@@ -254,7 +320,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
     n_part = max([1, *n_pairs.values()])
     part = torch.empty(n_rows, B, n_part, dtype=torch.float32, device=device)
     # the rows of every launch in one table: one host-to-device copy, a slice per launch
-    launches = [*ghost.values(), *prods.values(), *biases.values()]
+    launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values()]
     starts = [0]
     for rows in launches:
         starts.append(starts[-1] + len(rows))
@@ -270,6 +336,14 @@ def linear_norms_many(items: list) -> torch.Tensor:
             table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
             n_pairs=n_pairs[(dt, bt)], n_part=n_part, TYPE=_TYPES[dt], UPCAST=INTERPRET,
             PRECISION=dot_precision(dt), BLOCK_T=bt)
+    for (_, it, dt, bt), rows in embs.items():
+        key = ("embedding", it, dt, bt)
+        pairs = upper_pairs(n_tiles[key], device)
+        _note_cost(*cost[key])
+        _embedding_many_kernel[(B, len(rows), n_part)](
+            table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
+            n_pairs=n_pairs[key], n_part=n_part, IDS_TYPE=_IDS_TYPES[it], TYPE=_TYPES[dt],
+            UPCAST=INTERPRET, PRECISION=dot_precision(dt), BLOCK_T=bt)
     for dt, rows in prods.items():
         _note_cost(*cost[dt])
         _row_product_many_kernel[(B, len(rows))](
@@ -284,6 +358,9 @@ def linear_norms_many(items: list) -> torch.Tensor:
     for i in alone:
         a, g, method, with_bias = items[i]
         kw, kb = out_rows[i]
+        if method == "embedding":
+            out[kw].copy_(embedding.embedding_norm(a, g, with_bias))
+            continue
         if a is None:
             out[kb].copy_(linear.linear_bias_norm(g))
             continue

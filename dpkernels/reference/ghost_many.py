@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpkernels.dispatch import register
+from dpkernels.reference.embedding import embedding_norm
 from dpkernels.reference.linear import linear_bias_norm, linear_norms
 
 
@@ -19,7 +20,7 @@ def check_items(name: str, items: list) -> tuple[int, int]:
     checked."""
     if not items:
         raise ValueError(f"dpkernels.ops.{name}: no inputs")
-    first = items[0][0] if items[0][0] is not None else items[0][1]
+    first = items[0][1]
     B = first.shape[0] if isinstance(first, torch.Tensor) else None
     rows = 0
     for i, item in enumerate(items):
@@ -27,6 +28,19 @@ def check_items(name: str, items: list) -> tuple[int, int]:
             raise ValueError(f"dpkernels.ops.{name}: input {i} is not (a, g, method, "
                              "with_bias)")
         a, g, method, with_bias = item
+        if method == "embedding":  # (ids [B, T], g [B, T, p], "embedding", padding_idx)
+            if (not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor)
+                    or a.dim() != 2 or g.dim() != 3 or a.shape != g.shape[:2]
+                    or a.shape[0] != B):
+                raise ValueError(
+                    f"dpkernels.ops.{name}: input {i} (embedding) has shapes "
+                    f"{tuple(getattr(a, 'shape', ()))} and {tuple(getattr(g, 'shape', ()))}, "
+                    f"expected ids [{B}, T] and g [{B}, T, p]")
+            if a.is_floating_point() or a.is_complex():
+                raise TypeError(f"dpkernels.ops.{name}: input {i}: ids must be integers, got "
+                                f"{a.dtype}")
+            rows += 1
+            continue
         if a is None and not with_bias:
             raise ValueError(f"dpkernels.ops.{name}: input {i} has neither a weight (a is "
                              "None) nor a bias (with_bias is false)")
@@ -46,9 +60,14 @@ def check_items(name: str, items: list) -> tuple[int, int]:
 
 
 def out_rows(items: list) -> list[tuple[int, int]]:
-    """(weight row or -1, bias row or -1) of every item in the [rows, B] output."""
+    """(weight row or -1, bias row or -1) of every item in the [rows, B] output (an
+    embedding's norm is a weight row)."""
     out, r = [], 0
-    for a, _, _, with_bias in items:
+    for a, _, method, with_bias in items:
+        if method == "embedding":
+            out.append((r, -1))
+            r += 1
+            continue
         w = -1 if a is None else r
         r += a is not None
         out.append((w, r if with_bias else -1))
@@ -61,11 +80,15 @@ def linear_norms_many(items: list) -> torch.Tensor:
     """[rows, B] ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
     with_bias)`` of ``items``: the weight norm ``||sum_t g_t a_t^T||^2``, then, with_bias, the
     bias norm ``||sum_t g_t||^2`` on the next row; ``a`` None: the bias norm alone (a Linear
-    with a frozen weight, or rows of partial sums such as a norm layer's).  float32 (float64
-    when an input is)."""
+    with a frozen weight, or rows of partial sums such as a norm layer's); ``(ids, g,
+    "embedding", padding_idx)``: an Embedding's ``embedding_norm(ids, g, padding_idx)``.
+    float32 (float64 when an input is)."""
     check_items("linear_norms_many", items)
     parts = []
     for a, g, method, with_bias in items:
+        if method == "embedding":
+            parts.append(embedding_norm(a, g, with_bias))
+            continue
         if a is None:
             parts.append(linear_bias_norm(g))
             continue
