@@ -177,3 +177,36 @@ def test_engine_clip_factors_are_the_composed_steps(backend, dtype, net):
     rtol = 0.0 if dtype == torch.float64 else 2 * (terms + 8) * U32
     for out, want in zip(got[:4], (nsq, norms, fac, fac * L)):
         torch.testing.assert_close(out, want, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_reading_norms_before_step_changes_nothing(backend):
+    """``per_sample_norms`` between backward and step takes the deferred norms and sums them
+    early; the step then clips from that sum: the same norms and gradients as without it
+    (reference: identical; Triton: the clip kernel adds the 7 contributions in another order
+    than torch's sum, the rule above with 7 terms)."""
+    from torch import nn
+
+    import dpkernels
+
+    def run(peek):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+        dp = dpkernels.make_private(m, torch.optim.SGD(m.parameters(), lr=0.0),
+                                    noise_multiplier=0.0, max_grad_norm=0.05,
+                                    expected_batch_size=3, backend=backend)
+        try:
+            m(torch.randint(0, 11, (3, 40))).square().mean().backward()
+            early = dp.per_sample_norms.clone() if peek else None
+            dp.step()
+            return early, dp.per_sample_norms, [p.grad.clone() for p in m.parameters()]
+        finally:
+            dpkernels.detach(m)
+
+    early, norms, grads = run(True)
+    _, norms2, grads2 = run(False)
+    assert torch.equal(early, norms)
+    rtol = 0.0 if backend == "reference" else 2 * (7 + 8) * U32
+    torch.testing.assert_close(norms, norms2, rtol=rtol, atol=0)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=0)
