@@ -5,10 +5,11 @@ tracing one step with fake tensors, launchers sizing for an H200 without launchi
 The budgets are what a step launches with the Linear and Embedding norms (and the norm
 layers' terms, kept as unsummed partials) deferred to clip time and taken in one grouped op
 (linear_norms_many), and the norm sum, the cancellation bounds and the clip factors in one op
-(clip_from_parts) (2026-12-05, branch h-launches2: gpt-tiny fp32 +26, bf16 +8, mlp-tiny +6; branch h-launches before it: +51 / +33 / +10, with the bounds deferred to one
-grouped magnitude op and one stacked pass and LayerNorm's input gradient from its saved
-statistics; main c0e84a7 before that: +333 / +340 / +24).  A change that adds
-launches per layer fails here; lower a budget when launches are removed, never raise it
+(clip_from_parts) (2026-12-05, branch h-launches2: gpt-tiny fp32 +26, bf16 +8, mlp-tiny +6;
+branch h-launches before it: +51 / +33 / +10, with the bounds deferred to one grouped
+magnitude op and one stacked pass and LayerNorm's input gradient from its saved statistics;
+main c0e84a7 before that: +333 / +340 / +24).  A change that adds launches per layer fails
+here; lower a budget when launches are removed, never raise it
 without saying why in the commit.
 """
 

@@ -1,13 +1,14 @@
-"""The weight and bias norms of every Linear use of a micro-batch in one launch per kind.
+"""The weight and bias norms of every Linear and Embedding use of a micro-batch, one launch
+per kind.
 
-``linear_norms_many`` computes what ``linear_norms`` (ops/linear.py) computes per layer, for
-all uses the engine deferred to clip time: one launch for the ghost-form uses (T > 1, the
-same tiled Gram products as ``_linear_ghost_kernel``), one for the T == 1 uses (products of
-row norms), one for biases alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm
-layer's per-sample terms kept as partial sums), one for Embeddings (the tiled
-``sum_{t,s} [x_t = x_s] (g_t.g_s)`` of ``embedding_norm``), one table of addresses and strides
-for all launches, and one sum of the per-tile partials for all of them.  Uses of another form (direct, empty)
-run ``linear_norms`` one by one.
+``linear_norms_many`` computes what ``linear_norms`` (ops/linear.py) and ``embedding_norm``
+(ops/embedding.py) compute per layer, for all uses the engine deferred to clip time: one
+launch for the ghost-form Linear uses (T > 1, the same tiled Gram products as
+``_linear_ghost_kernel``), one for the T == 1 uses (products of row norms), one for biases
+alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm layer's per-sample terms
+kept as partial sums), one for Embeddings (the tiled ``sum_{t,s} [x_t = x_s] (g_t.g_s)``), one
+table of addresses and strides for all launches, and one sum of the per-tile partials for all
+of them.  Uses of another form (direct, empty) run ``linear_norms`` one by one.
 """
 
 from __future__ import annotations
