@@ -4,26 +4,41 @@ GPU, and report shared memory, registers and spills per variant.
 The CPU interpreter does not check what the real compiler does (power-of-two aranges, dot
 shapes and dtypes, shared-memory and register budgets, int32 overflow in addresses), and device
 time is scarce, so run this before a GPU session.  It fakes the driver (target cuda/90),
-calls the real launchers on CPU tensors and compiles each autotune config without launching.
-A variant whose cuobjdump resource usage has a STACK or LOCAL frame is recompiled with
-``ptxas -v`` for its spill stores and loads; the last lines list the variants that spill and
-count variants, failures and spilling variants.
+calls the real launchers on CPU tensors and compiles each autotune config (after the kernel's
+own early pruning) without launching.  Two sources of launches:
+
+* **models**: one DP step of each ANCHORS.md bench model (gpt B16 T256 fp32 and bf16, gpt
+  B64 T256 fp32, cnn B256, mlp B1024; not gpt B2 T2048: trace_step.py builds gpt for T = 256
+  only), traced as bench/trace_step.py does
+  (fake tensors, launchers sizing grids for an H200's 132 SMs); every launch is replayed on
+  small real tensors of the same dtypes with the same scalar arguments, so each variant the
+  bench models launch is compiled;
+* **shapes**: a fixed list of odd shapes, every op, float32/bf16/fp16, TF32 on and off.
+
+Every variant is compiled with ``ptxas -v`` for sm_90a; the table lists registers, spill
+stores and spill loads per variant (a stack frame without spill stores is call frames: the
+Philox normal's math calls).
+
 Use the triton the GPU machine has (3.6 at the time of writing), next to any torch:
 
     python -m venv /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
     echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
         > /tmp/t36/lib/python3.11/site-packages/zz_torch.pth   # reuse this venv's torch
-    /tmp/t36/bin/python bench/compile_sm90.py            # a few minutes on 2 cores
+    /tmp/t36/bin/python bench/compile_sm90.py --out bench/results/<date>-compile-sm90.md
 
-Exit status 1 if any variant fails to compile.
+``--only models`` or ``--only shapes`` runs one source (the models alone take a few minutes
+on 2 cores, everything 20-30 with a cold cache; compiled kernels are cached in
+$TRITON_CACHE_DIR).  Exit status 1 if any variant fails to compile or spills.
 """
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["DPKERNELS_AUTOTUNE"] = "1"
@@ -89,8 +104,13 @@ def _field(ru: str, name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _spills(ru: str) -> int:
-    return sum(int(x) for x in re.findall(r"(\d+) bytes spill", ru))
+def _spill(ru: str, what: str) -> int:
+    m = re.search(r"(\d+) bytes spill " + what, ru)
+    return int(m.group(1)) if m else 0
+
+
+PHASE = "shapes"  # which source the launches come from now
+SOURCES: dict[tuple, set] = {}
 
 
 def run(self, *args, grid, warmup, **kwargs):
@@ -98,6 +118,7 @@ def run(self, *args, grid, warmup, **kwargs):
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     tag = (self.__name__, tuple(sorted(ce.items())), tuple(sorted(opts.items())),
            tuple(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor))[:2])
+    SOURCES.setdefault(tag, set()).add(PHASE)
     try:
         k = orig(self, *args, grid=grid, warmup=True, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -135,6 +156,7 @@ from dpkernels.ops import (  # noqa: E402
     embedding,
     ghost_many,
     linear,
+    norm_parts,
     norms,
 )
 
@@ -145,90 +167,207 @@ def R(*s, dt=torch.float32):
     return torch.randn(*s).to(dt)
 
 
-for dt in [torch.float32, torch.bfloat16, torch.float16]:
-    for B, T, d, p in [(4, 300, 257, 190), (2, 1, 1024, 1000), (3, 77, 768, 2304)]:
-        a, g = R(B, T, d, dt=dt), R(B, T, p, dt=dt)
-        for m in ["ghost", "direct"]:
-            linear.linear_norm(a, g, m)
-            linear.linear_norms(a, g, m, True)
-        linear.linear_cross(a, g, R(B, T + 5, d, dt=dt), R(B, T + 5, p, dt=dt))
-        linear.linear_cross(a[:, :5], g[:, :5], a[:, :9], g[:, :9])
-        linear.linear_bias_norm(g)
-    ghost_many.linear_norms_many([(R(4, 300, 257, dt=dt), R(4, 300, 190, dt=dt), "ghost", True),
-                                  (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
-                                  (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
-    ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True),
-                                  (None, R(4, 16, 768, dt=dt), "auto", True),
-                                  (torch.randint(0, 100, (4, 300)), R(4, 300, 768, dt=dt),
-                                   "embedding", 0),
-                                  (torch.randint(0, 100, (4, 40)), R(4, 40, 64, dt=dt),
-                                   "embedding", None)])
-    a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
+def shapes() -> None:
+    """Every op on a fixed list of odd shapes, each dtype, TF32 off and on."""
+    for dt in [torch.float32, torch.bfloat16, torch.float16]:
+        for B, T, d, p in [(4, 300, 257, 190), (2, 1, 1024, 1000), (3, 77, 768, 2304)]:
+            a, g = R(B, T, d, dt=dt), R(B, T, p, dt=dt)
+            for m in ["ghost", "direct"]:
+                linear.linear_norm(a, g, m)
+                linear.linear_norms(a, g, m, True)
+            linear.linear_cross(a, g, R(B, T + 5, d, dt=dt), R(B, T + 5, p, dt=dt))
+            linear.linear_cross(a[:, :5], g[:, :5], a[:, :9], g[:, :9])
+            linear.linear_bias_norm(g)
+        ghost_many.linear_norms_many(
+            [(R(4, 300, 257, dt=dt), R(4, 300, 190, dt=dt), "ghost", True),
+             (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
+             (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
+        ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True),
+                                      (None, R(4, 16, 768, dt=dt), "auto", True),
+                                      (torch.randint(0, 100, (4, 300)), R(4, 300, 768, dt=dt),
+                                       "embedding", 0),
+                                      (torch.randint(0, 100, (4, 40)), R(4, 40, 64, dt=dt),
+                                       "embedding", None)])
+        a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
+        linear.linear_clipped_sum(a, g, c)
+        linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
+        linear.clipped_sum(a, g, c, None, 0.7, 5, 1.0, split=2)
+        linear.linear_clipped_sum_many([(a, g), (R(16, 30, 100, dt=dt), R(16, 30, 50, dt=dt))], c,
+                                       [None, torch.randn(50, 100)])
+        linear.linear_bias_clipped_sum(g, c, torch.randn(768), 0.3, 2**40, 0.5)
+        dense.dense_clipped_sum(R(16, 3, 5, 7, dt=dt), c, None, 1.0, 3, 1.0)
+        ids = torch.randint(0, 100, (4, 300))
+        embedding.embedding_norm(ids, R(4, 300, 64, dt=dt), 0)
+        embedding.embedding_cross(ids, R(4, 300, 64, dt=dt), ids[:, :70], R(4, 70, 64, dt=dt))
+        embedding.embedding_clipped_sum(ids, R(4, 300, 64, dt=dt), torch.rand(4), 100, 0, None,
+                                        0.5, 7, 0.5)
+        for N in [768, 16384]:
+            x = R(4, 33, N, dt=dt)
+            norms.layer_norm_psg(x, x, (N,), 1e-5)
+            norms.layer_norm_psg(x, x, (N,), 1e-5, True, False)
+            norms.layer_norm_psg(x, x, (N,), 1e-5, False, True)
+            norms.rms_norm_psg(x, x, (N,))
+            norm_parts.layer_norm_psg_parts(x, x, (N,), 1e-5)
+            norm_parts.layer_norm_psg_parts(x, x, (N,), 1e-5, True, False)
+            norm_parts.rms_norm_psg_parts(x, x, (N,))
+        for shape, G in [((4, 64, 32, 32), 32), ((2, 4096, 3), 1), ((3, 8, 5), 8)]:
+            x = R(*shape, dt=dt)
+            norms.group_norm_psg(x, x, G, 1e-5)
+            norms.group_norm_psg(x, x, G, 1e-5, False, True)
+        dense.add_noise(torch.zeros(1000), 0.7, 11, 2.0)
+        dense.add_noise_many([torch.zeros(1000), torch.zeros(3, 5)], 0.7, [11, 2**61 + 3], 2.0)
+        dense.rows_clipped_sum_many([(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
+                                    c, [None, torch.randn(300)])
+        dense.dense_norm(R(16, 768, dt=dt))
+        dense.dense_norm_many([R(16, 768, dt=dt), R(16, 2, 300, dt=dt)[:, 1]])
+        for xs, ws, st, pad, dil, grp in [((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+                                           ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
+                                           ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
+                                           ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), (1, 1, 1), (1, 1, 1),
+                                            (1, 1, 1), 1)]:
+            x = R(*xs, dt=dt)
+            fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
+                  5: torch.nn.functional.conv3d}[len(xs)]
+            y = fn(x.float(), torch.randn(ws), stride=st, padding=pad, dilation=dil, groups=grp)
+            g = R(*y.shape, dt=dt)
+            for m in ["ghost", "direct"]:
+                conv.conv_norm(x, g, ws, st, pad, dil, grp, m)
+            conv.conv_clipped_sum(x, g, torch.rand(xs[0]), ws, st, pad, dil, grp, None, 0.5, 9, 0.5)
+
+    for B in (16, 3000):
+        # the bounds' table with constant factors (an embedding's T in its underflow term)
+        clip_many.clip_from_parts(torch.rand(5, B), [torch.rand(B)], torch.rand(3, B),
+                                  torch.rand(2, B), [(0, 1e-4, 1e-5), (2, 2e-4, 1e-5)],
+                                  [(1, 2, 1e-4), (12.0, 1, 2.0**-126)], 16.0, 2.0**-16, 1.0)
+        clip_many.clip_from_parts(torch.rand(5, B), [], None, None, [], [], 1.0, 2.0**-16, 1.0)
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    a, g, c = R(3, 200, 300), R(3, 200, 260), torch.rand(3)
+    for m in ["ghost", "direct"]:
+        linear.linear_norm(a, g, m)
+        linear.linear_norms(a, g, m, True)
     linear.linear_clipped_sum(a, g, c)
-    linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
-    linear.clipped_sum(a, g, c, None, 0.7, 5, 1.0, split=2)
-    linear.linear_clipped_sum_many([(a, g), (R(16, 30, 100, dt=dt), R(16, 30, 50, dt=dt))], c,
-                                   [None, torch.randn(50, 100)])
-    linear.linear_bias_clipped_sum(g, c, torch.randn(768), 0.3, 2**40, 0.5)
-    dense.dense_clipped_sum(R(16, 3, 5, 7, dt=dt), c, None, 1.0, 3, 1.0)
-    ids = torch.randint(0, 100, (4, 300))
-    embedding.embedding_norm(ids, R(4, 300, 64, dt=dt), 0)
-    embedding.embedding_cross(ids, R(4, 300, 64, dt=dt), ids[:, :70], R(4, 70, 64, dt=dt))
-    embedding.embedding_clipped_sum(ids, R(4, 300, 64, dt=dt), torch.rand(4), 100, 0, None,
-                                    0.5, 7, 0.5)
-    for N in [768, 16384]:
-        x = R(4, 33, N, dt=dt)
-        norms.layer_norm_psg(x, x, (N,), 1e-5)
-        norms.layer_norm_psg(x, x, (N,), 1e-5, True, False)
-        norms.layer_norm_psg(x, x, (N,), 1e-5, False, True)
-        norms.rms_norm_psg(x, x, (N,))
-    for shape, G in [((4, 64, 32, 32), 32), ((2, 4096, 3), 1), ((3, 8, 5), 8)]:
-        x = R(*shape, dt=dt)
-        norms.group_norm_psg(x, x, G, 1e-5)
-        norms.group_norm_psg(x, x, G, 1e-5, False, True)
-    dense.add_noise(torch.zeros(1000), 0.7, 11, 2.0)
-    dense.add_noise_many([torch.zeros(1000), torch.zeros(3, 5)], 0.7, [11, 2**61 + 3], 2.0)
-    dense.rows_clipped_sum_many([(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
-                                c, [None, torch.randn(300)])
-    dense.dense_norm(R(16, 768, dt=dt))
-    dense.dense_norm_many([R(16, 768, dt=dt), R(16, 2, 300, dt=dt)[:, 1]])
-    for xs, ws, st, pad, dil, grp in [((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
-                                       ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
-                                       ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
-                                       ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), (1, 1, 1), (1, 1, 1),
-                                        (1, 1, 1), 1)]:
-        x = R(*xs, dt=dt)
-        fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
-              5: torch.nn.functional.conv3d}[len(xs)]
-        y = fn(x.float(), torch.randn(ws), stride=st, padding=pad, dilation=dil, groups=grp)
-        g = R(*y.shape, dt=dt)
-        for m in ["ghost", "direct"]:
-            conv.conv_norm(x, g, ws, st, pad, dil, grp, m)
-        conv.conv_clipped_sum(x, g, torch.rand(xs[0]), ws, st, pad, dil, grp, None, 0.5, 9, 0.5)
+    linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
+    ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True),
+                                  (torch.randint(0, 100, (3, 200)), g, "embedding", 0)])
+    embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
+    torch.backends.cuda.matmul.allow_tf32 = old
 
-for B in (16, 3000):
-    clip_many.clip_from_parts(torch.rand(5, B), [torch.rand(B)], torch.rand(3, B),
-                              torch.rand(2, B), [(0, 1e-4, 1e-5), (2, 2e-4, 1e-5)],
-                              [(1, 2, 1e-4)], 16.0, 2.0**-16, 1.0)
-    clip_many.clip_from_parts(torch.rand(5, B), [], None, None, [], [], 1.0, 2.0**-16, 1.0)
 
-old = torch.backends.cuda.matmul.allow_tf32
-torch.backends.cuda.matmul.allow_tf32 = True
-a, g, c = R(3, 200, 300), R(3, 200, 260), torch.rand(3)
-for m in ["ghost", "direct"]:
-    linear.linear_norm(a, g, m)
-    linear.linear_norms(a, g, m, True)
-linear.linear_clipped_sum(a, g, c)
-linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
-ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True),
-                              (torch.randint(0, 100, (3, 200)), g, "embedding", 0)])
-embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
-torch.backends.cuda.matmul.allow_tf32 = old
+# ANCHORS.md's bench models (bench/e2e.py's "anchors" preset but gpt B2 T2048:
+# bench/trace_step.py builds gpt for T = 256 only)
+MODEL_CASES = ["gpt:fp32:16:256", "gpt:bf16:16:256", "gpt:fp32:64:256", "cnn:fp32:256",
+               "mlp:fp32:1024"]
 
-spills = {t: ru for t, (_, ru) in SEEN.items() if _spills(ru)}
-for tag, ru in spills.items():
-    print("SPILLS", tag, ru)
-print("variants", len(SEEN), "failures", len(FAIL), "spilling", len(spills))
-for tag, err in FAIL:
-    print("FAILED", tag, err)
-sys.exit(1 if FAIL else 0)
+
+class _TensorArg:
+    """A traced (fake) tensor argument: only its dtype matters to the compiler."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def _replay_arg(v):
+    """A small real tensor for a traced tensor argument: the kernel sees only its dtype and
+    its address's alignment (fresh allocations: 16-byte aligned, as on a GPU)."""
+    if isinstance(v, _TensorArg):
+        return torch.empty(16, dtype=v.dtype)
+    return v
+
+
+def models(cases: list[str]) -> None:
+    """Trace one DP step of each case (bench/trace_step.py: fake tensors, an H200's 132 SMs),
+    recording every Triton launch, then compile each recorded launch's variants."""
+    from triton.runtime.jit import KernelInterface
+
+    from bench import trace_step
+
+    launches = []
+
+    def record(self, grid):
+        def launch(**kw):
+            launches.append((self, {k: _TensorArg(v.dtype) if isinstance(v, torch.Tensor)
+                                    else v for k, v in kw.items()}))
+        return launch
+
+    getitem = KernelInterface.__getitem__
+    trace_step._install()
+    KernelInterface.__getitem__ = record
+    try:
+        for case in cases:
+            n0 = len(launches)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trace_step.trace_case(*trace_step.parse_case(case), private=True)
+            print(f"traced {case}: {len(launches) - n0} Triton launches", flush=True)
+    finally:
+        KernelInterface.__getitem__ = getitem
+    for kernel, kw in launches:
+        kernel[(1,)](**{k: _replay_arg(v) for k, v in kw.items()})
+
+
+def report(out: str | None) -> int:
+    rows = []
+    for tag, (shared, ru) in SEEN.items():
+        name, ce, opts, dts = tag
+        cfg = " ".join(f"{k}={v}" for k, v in ce if k.startswith("BLOCK_"))
+        flags = " ".join(f"{k}={v}" for k, v in ce if not k.startswith("BLOCK_"))
+        o = dict(opts)
+        rows.append([",".join(sorted(SOURCES.get(tag, ()))), name,
+                     f"{cfg} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}", flags,
+                     "/".join(d.replace("torch.", "") for d in dts), str(shared),
+                     str(_field(ru, "REG")), str(_field(ru, "STACK")),
+                     str(_spill(ru, "stores")), str(_spill(ru, "loads"))])
+    rows.sort(key=lambda r: ("models" not in r[0], r[1], r[4], r[3], r[2]))
+    spilling = [r for r in rows if int(r[8]) or int(r[9])]
+    in_models = [r for r in rows if "models" in r[0]]
+    head = ["source", "kernel", "config", "flags", "dtypes", "smem B", "regs", "stack B",
+            "spill st B", "spill ld B"]
+    md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    summary = (f"variants {len(rows)} (bench models: {len(in_models)}), failures {len(FAIL)}, "
+               f"spilling {len(spilling)} (bench models: "
+               f"{sum('models' in r[0] for r in spilling)})")
+    print("\n".join(md))
+    for r in spilling:
+        print("SPILLS", r[0], r[1], r[2], r[3], r[4], f"{r[8]} B stores, {r[9]} B loads")
+    for tag, err in FAIL:
+        print("FAILED", tag, err)
+    print(summary)
+    if out:
+        with open(out, "w") as f:
+            f.write("# sm_90a compile report: registers and spills per kernel variant\n\n")
+            f.write(f"triton {triton.__version__}, torch {torch.__version__}, ptxas -v "
+                    "--gpu-name sm_90a, made by `bench/compile_sm90.py` on a CPU (no GPU: "
+                    "compiled, never run).  source: `models` = launched by one DP step of "
+                    f"{', '.join(MODEL_CASES)}; `shapes` = the fixed list of odd shapes.  "
+                    "config: tile sizes, warps, pipeline stages; flags: the other "
+                    "specialisation constants.\n\n")
+            f.write("**" + summary + "**\n\n")
+            f.write("\n".join(md) + "\n")
+            if FAIL:
+                f.write("\n## Failures\n\n")
+                f.write("\n".join(f"- {t}: {e}" for t, e in FAIL) + "\n")
+    return 1 if FAIL or spilling else 0
+
+
+def main(argv=None) -> int:
+    global PHASE
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["models", "shapes"], help="one source of launches")
+    ap.add_argument("--cases", default=",".join(MODEL_CASES),
+                    help="model:dtype:batch[:seq] items for the models source")
+    ap.add_argument("--out", help="write the table as markdown here")
+    args = ap.parse_args(argv)
+    if args.only != "shapes":
+        PHASE = "models"
+        models(args.cases.split(","))
+    if args.only != "models":
+        PHASE = "shapes"
+        shapes()
+    return report(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

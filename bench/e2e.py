@@ -32,7 +32,11 @@ import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # run as a script, sys.path[0] is bench/, whose kernels.py would shadow the ``kernels``
+    # package that transformers imports: the repository root takes its place
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 from bench import common  # noqa: E402
 
@@ -51,8 +55,15 @@ MODELS: dict[str, tuple[str, dict]] = {
     "gpt-tiny": ("gpt", {"vocab": 512, "d": 64, "layers": 2, "heads": 4}),
     "cnn-tiny": ("cnn", {"widths": (32, 32, 32, 32, 64), "size": 16}),
     "mlp-tiny": ("mlp", {"widths": (784, 256, 256, 10)}),
+    # transformers models (bench/models.py): GPT-2 small (124 M) and a Llama-2-style 1.1 B
+    # (TinyLlama's shape); -tiny: the same code paths at toy sizes
+    "hf-gpt2": ("hf-gpt2", {}),
+    "hf-llama-1b": ("hf-llama", {}),
+    "hf-gpt2-tiny": ("hf-gpt2", {"vocab": 512, "d": 64, "layers": 2, "heads": 4}),
+    "hf-llama-tiny": ("hf-llama", {"vocab": 512, "d": 64, "layers": 2, "heads": 4,
+                                   "kv_heads": 2, "ffn": 128}),
 }
-SEQ_MODELS = {"gpt"}
+SEQ_MODELS = {"gpt", "hf-gpt2", "hf-llama"}
 
 PRESETS = {
     # shared/ANCHORS.md, on a GPU
@@ -60,7 +71,11 @@ PRESETS = {
                 "cnn:fp32:256", "mlp:fp32:1024"],
     # small enough for a 2-core CPU in about two minutes, all four modes
     "cpu-small": ["gpt-tiny:fp32:8:32", "gpt-tiny:bf16:8:32", "cnn-tiny:fp32:8",
-                  "mlp:fp32:32"],
+                  "mlp:fp32:32", "hf-gpt2-tiny:fp32:4:32", "hf-llama-tiny:bf16:4:32"],
+    # real architectures on a GPU (bf16 = autocast, float32 master weights); the 1.1 B
+    # Llama's float32 weights, gradients and DP accumulators take about 13 GiB before
+    # activations
+    "hf": ["hf-gpt2:fp32:16:256", "hf-gpt2:bf16:16:256", "hf-llama-1b:bf16:4:512"],
     # one case, for tests
     "cpu-tiny": ["mlp-tiny:fp32:16"],
 }
@@ -132,6 +147,11 @@ def run_single(job: dict) -> dict:
     if mode.startswith("dpkernels"):
         import dpkernels
         from dpkernels import dispatch
+    if arch.startswith("hf-"):
+        # before the RSS baseline: the imports are not the model
+        import transformers
+
+        transformers.GPT2LMHeadModel, transformers.LlamaForCausalLM  # noqa: B018 (lazy modules)
 
     torch.manual_seed(0)
     if device.type == "cuda":

@@ -137,6 +137,50 @@ def cls_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y)
 
 
+# ---------------------------------------------------------------------------- Hugging Face
+# Real architectures from transformers (imported only when one of these is built), random
+# init from a config object (no download), called the way their docs call them:
+# ``model(input_ids)`` (so [1, T] position ids, HF's Conv1D / RMSNorm modules, tied heads).
+# Dropout is off, as in the gpt above.
+
+HF_GPT2 = dict(vocab=50257, d=768, layers=12, heads=12)  # GPT-2 small: 124.4 M parameters
+# TinyLlama-1.1B's shape (Llama 2 architecture: RMSNorm, SwiGLU, rotary, GQA 32/4 heads,
+# untied head): 1.10 B parameters
+HF_LLAMA = dict(vocab=32000, d=2048, layers=22, heads=32, kv_heads=4, ffn=5632)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM returning its logits, called as ``model(input_ids)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx).logits
+
+
+def hf_gpt2(vocab: int, d: int, layers: int, heads: int, seq: int) -> nn.Module:
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=max(seq, 1024), n_embd=d,
+                                  n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return HFCausalLM(transformers.GPT2LMHeadModel(cfg))
+
+
+def hf_llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ffn: int,
+             seq: int) -> nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads,
+                                   max_position_embeddings=max(seq, 2048),
+                                   tie_word_embeddings=False)
+    return HFCausalLM(transformers.LlamaForCausalLM(cfg))
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -153,8 +197,24 @@ class Spec:
 
 
 def spec(name: str, **sizes) -> Spec:
-    """``name`` is gpt, cnn or mlp; ``sizes`` override the ANCHORS.md sizes (for gpt: vocab,
-    d, layers, heads, seq; for cnn: widths, groups, size; for mlp: widths)."""
+    """``name`` is gpt, cnn, mlp, hf-gpt2 or hf-llama; ``sizes`` override the ANCHORS.md sizes
+    (for gpt: vocab, d, layers, heads, seq; for cnn: widths, groups, size; for mlp: widths)
+    or HF_GPT2 / HF_LLAMA (and kv_heads, ffn for hf-llama)."""
+    if name in ("hf-gpt2", "hf-llama"):
+        base = HF_GPT2 if name == "hf-gpt2" else HF_LLAMA
+        kw = {**base, **{k: v for k, v in sizes.items() if k in base or k == "seq"}}
+        build = hf_gpt2 if name == "hf-gpt2" else hf_llama
+
+        def lm_args(out, y):
+            return (out.flatten(0, 1).float(), y.flatten()), {"shape": out.shape}
+
+        return Spec(
+            model=lambda: build(**kw),
+            batch=lambda b, seq, device="cpu", generator=None: gpt_batch(
+                b, seq, kw["vocab"], device, generator),
+            loss=lm_loss,
+            criterion_args=lm_args,
+        )
     if name == "gpt":
         vocab = sizes.get("vocab", 16384)
         kw = {k: sizes[k] for k in ("vocab", "d", "layers", "heads", "seq") if k in sizes}
@@ -189,4 +249,4 @@ def spec(name: str, **sizes) -> Spec:
             loss=cls_loss,
             criterion_args=lambda out, y: ((out.float(), y), {}),
         )
-    raise ValueError(f"unknown model {name!r}; expected gpt, cnn or mlp")
+    raise ValueError(f"unknown model {name!r}; expected gpt, cnn, mlp, hf-gpt2 or hf-llama")

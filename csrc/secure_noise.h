@@ -4,8 +4,11 @@
 //
 // Stream layout (docs/DESIGN.md, "Secure noise"): a 256-bit key drawn from os.urandom for
 // each step; the 96-bit nonce holds the stream id (the parameter's index), so every
-// parameter has its own stream; the 32-bit block counter walks that stream.  Output element
-// e uses block e / 2 and, within it, the eight 32-bit words starting at 8 * (e % 2).
+// parameter has its own stream; the 32-bit block counter walks that stream.  Stream element
+// e uses block e / 2 and, within it, the eight 32-bit words starting at 8 * (e % 2).  A draw
+// may start anywhere in the stream (`offset`, in elements): since the block counter is the
+// position, a draw of elements [a, b) equals elements a..b-1 of a draw of [0, b), bit for
+// bit, so a parameter's noise can be drawn in chunks.
 //
 // Normal mapping (resists the floating-point attacks of Mironov 2012 and Holohan & Braghin
 // 2021): four 53-bit uniforms u1, t1, u2, t2 per element, two float64 Box-Muller normals
@@ -202,17 +205,29 @@ DPK_HD T scaled_normal(const uint32_t* w, double std_dev) {
   return static_cast<T>(DPK_MUL(std_dev, normal_from_words(w)));
 }
 
-// Elements [2 * block, 2 * block + count) of `out`, count is 1 or 2 (the CUDA kernel; the
-// CPU kernel runs the same two steps over a batch of blocks).  Constant word offsets (no
-// loop over count) keep the block in registers on the device.
+// The blocks that hold stream elements [offset, offset + numel): element e of a stream is in
+// block e / 2, so a draw that starts at an odd offset begins in the middle of a block.
+DPK_HD int64_t first_block(int64_t offset) { return offset / kElementsPerBlock; }
+DPK_HD int64_t end_block(int64_t offset, int64_t numel) {
+  return (offset + numel + kElementsPerBlock - 1) / kElementsPerBlock;
+}
+
+// Block `block` of the stream, for a draw of stream elements [offset, end) into `out`
+// (stream element e goes to out[e - offset]): each of the block's two elements is written if
+// it lies in [offset, end).  One call per block is the CUDA kernel's thread (the CPU kernel
+// runs the same arithmetic over a batch of blocks; the CPU op secure_normal_per_block_ runs
+// this function, so the tests check its indexing without a GPU).  Constant word offsets (no
+// loop over the elements) keep the block in registers on the device.
 template <typename T>
 DPK_HD void normal_block(const uint32_t key[8], const uint32_t nonce[3], uint32_t block,
-                         double std_dev, T* out, int count) {
+                         double std_dev, T* out, int64_t offset, int64_t end) {
   static_assert(kElementsPerBlock == 2, "normal_block writes two elements per block");
   uint32_t w[kBlockWords];
   chacha20_block(key, block, nonce, w);
-  out[0] = scaled_normal<T>(w, std_dev);
-  if (count > 1) out[1] = scaled_normal<T>(w + kWordsPerElement, std_dev);
+  const int64_t e = static_cast<int64_t>(block) * kElementsPerBlock;
+  if (e >= offset && e < end) out[e - offset] = scaled_normal<T>(w, std_dev);
+  if (e + 1 >= offset && e + 1 < end)
+    out[e + 1 - offset] = scaled_normal<T>(w + kWordsPerElement, std_dev);
 }
 
 }  // namespace dpk

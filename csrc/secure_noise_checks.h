@@ -23,7 +23,8 @@ inline void check_words(at::IntArrayRef words, size_t count, const char* name, c
 }
 
 inline void check_normal_args(const at::Tensor& out, at::IntArrayRef key, int64_t stream,
-                              double std_dev, c10::DeviceType device, uint32_t* k) {
+                              double std_dev, int64_t offset, c10::DeviceType device,
+                              uint32_t* k) {
   const char* op = "dpkernels::secure_normal_";
   check_words(key, 8, "key", op, k);
   TORCH_CHECK(out.device().type() == device, op, ": out is on ", out.device(),
@@ -35,10 +36,14 @@ inline void check_normal_args(const at::Tensor& out, at::IntArrayRef key, int64_
   TORCH_CHECK(stream >= 0, op, ": stream must be >= 0, got ", stream);
   TORCH_CHECK(std::isfinite(std_dev) && std_dev >= 0, op,
               ": std must be finite and >= 0, got ", std_dev);
+  TORCH_CHECK(offset >= 0, op, ": offset (the position in the stream of out's first "
+              "element) must be >= 0, got ", offset);
   // 2 elements per block and a 32-bit block counter: one stream covers 2^33 elements
-  TORCH_CHECK(out.numel() <= (int64_t(kElementsPerBlock) << 32), op, ": out has ",
-              out.numel(), " elements; one stream holds at most 2^33, split the tensor over "
-              "several streams");
+  constexpr int64_t kStreamElements = int64_t(kElementsPerBlock) << 32;
+  TORCH_CHECK(out.numel() <= kStreamElements && offset <= kStreamElements - out.numel(), op,
+              ": stream elements [offset, offset + numel) with offset=", offset, " and numel=",
+              out.numel(), " do not fit in one stream, which holds 2^33 elements; split the "
+              "tensor over several streams");
 }
 
 }  // namespace dpk

@@ -11,6 +11,10 @@ geometrically toward the target quantile gamma::
 
     C <- C * exp(-learning_rate * (b~ - gamma))
 
+In ``secure_mode`` the count's noise comes from ChaCha20 (``dpkernels.secure``, a fresh
+``os.urandom`` key each step), like the gradient's; otherwise from a torch generator seeded
+per step from the run's seed.
+
 Privacy: the count is a second Gaussian mechanism on the same Poisson sample, with noise
 multiplier ``2 sigma_b`` (std over sensitivity).  Both together are one Gaussian mechanism
 on the concatenated query, whose noise multiplier sigma satisfies
@@ -92,7 +96,10 @@ class AdaptiveClipping:
                              "(the unclipped counts would have to be summed across ranks)")
         if getattr(optimizer.engine, "clipping", "flat") != "flat":
             raise ValueError("adaptive clipping needs clipping='flat' (one bound for the "
-                             "whole gradient, as in the paper)")
+                             "whole gradient, as in the paper); per-layer bounds that adapt "
+                             "(one noisy count per group, each paid for) are not implemented. "
+                             "Use clipping='flat' with adaptive_clipping, or per-layer bounds "
+                             "that are fixed or follow a clip schedule")
         if optimizer.expected_batch_size is None:
             raise ValueError("adaptive clipping needs expected_batch_size (it normalises the "
                              "unclipped count), also for loss_reduction='sum'")
@@ -121,8 +128,16 @@ class AdaptiveClipping:
         """The noisy unclipped fraction of step ``step``, and C for the next step."""
         count = 0.0 if self.count is None else float(self.count)  # one host sync per step
         self.count = None
-        g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step, _COUNT_SEED_INDEX))
-        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_noise_std
+        if optimizer.secure_mode:  # the count's noise is DP noise too: from ChaCha20
+            from dpkernels.secure import StepNoise
+
+            z = StepNoise(self.count_noise_std)(0, torch.zeros(1, dtype=torch.float64))
+            noise = float(z)
+        else:
+            g = torch.Generator().manual_seed(derive_seed(optimizer.seed, step,
+                                                          _COUNT_SEED_INDEX))
+            noise = float(torch.randn((), generator=g, dtype=torch.float64)) \
+                * self.count_noise_std
         frac = (count + noise) / optimizer.expected_batch_size + 0.5
         self.last_fraction = frac
         new = optimizer.max_grad_norm * math.exp(-self.learning_rate
@@ -130,5 +145,37 @@ class AdaptiveClipping:
         optimizer.max_grad_norm = new
 
     def state_dict(self) -> dict:
+        """The settings and the last noisy fraction (C itself is ``dp_opt.max_grad_norm``,
+        saved by ``dp_opt.state_dict()``, which holds this too)."""
         return {"target_quantile": self.target_quantile, "learning_rate": self.learning_rate,
                 "count_noise_std": self.count_noise_std, "last_fraction": self.last_fraction}
+
+    def check_state(self, state: dict, noise_multiplier: float,
+                    expected_batch_size: float | None) -> dict:
+        """``state`` validated (for ``dp_opt.load_state_dict``, which then calls
+        ``load_state``): the checkpoint's settings replace this object's, so they are checked
+        as the constructor and ``attach`` check them, against the checkpoint's sigma."""
+        keys = {"target_quantile", "learning_rate", "count_noise_std", "last_fraction"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"dpkernels: load_state_dict: the checkpoint's adaptive clipping "
+                             f"state must hold {sorted(keys)}, got {state!r}")
+        if expected_batch_size is None:
+            raise ValueError("dpkernels: load_state_dict: adaptive clipping needs "
+                             "expected_batch_size, and the checkpoint has none")
+        AdaptiveClipping(state["target_quantile"], state["learning_rate"],
+                         state["count_noise_std"])  # the constructor's checks
+        if state["count_noise_std"] is None:
+            raise ValueError("dpkernels: load_state_dict: the checkpoint's adaptive clipping "
+                             "has no count_noise_std")
+        gradient_noise_multiplier(noise_multiplier, state["count_noise_std"])
+        last = state["last_fraction"]
+        return {"target_quantile": float(state["target_quantile"]),
+                "learning_rate": float(state["learning_rate"]),
+                "count_noise_std": float(state["count_noise_std"]),
+                "last_fraction": None if last is None else float(last)}
+
+    def load_state(self, state: dict) -> None:
+        """Take a ``check_state``-validated state; the count of an unfinished batch is
+        dropped (loading is refused in the middle of a logical batch anyway)."""
+        vars(self).update(state)
+        self.count = None

@@ -28,6 +28,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
     one given to :meth:`set_epoch`), and all ranks of a distributed run draw the same logical
     batch, of which rank ``r`` of ``world_size`` keeps every ``world_size``-th index from
     ``r`` (its share may be empty).
+
+    With an explicit ``seed``, a sampler that feeds a ``DPOptimizer`` (:func:`use_loader`,
+    ``poisson_loader(..., optimizer=)``, :func:`micro_batches`) never draws an epoch that
+    optimizer has already drawn with that seed: a second loader, a second ``train()`` or a
+    run resumed from ``state_dict()`` (which keeps the record) continues with the next epoch
+    not drawn yet, and :meth:`set_epoch` to an epoch already drawn raises.  The same batches
+    again would make steps the accountant counts as independent Poisson samples share their
+    samples, and the reported epsilon would be too small.
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
+        self.seed_given = seed is not None
         if seed is None:
             if world_size > 1:
                 raise ValueError("a distributed PoissonBatchSampler needs the same explicit "
@@ -65,6 +74,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.epoch = 0
         self._next_epoch = 0
+        self._epoch_set = False  # set_epoch() named the next epoch
+        # {seed: epochs drawn} of the DPOptimizer these batches feed (use_loader)
+        self._drawn: dict[int, set[int]] | None = None
 
     @property
     def expected_batch_size(self) -> float:
@@ -73,14 +85,21 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = int(epoch)
+        self._epoch_set = True
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        self.epoch = self._next_epoch
-        self._next_epoch += 1
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        # the epoch is taken here, when iteration starts, not at the first batch
+        epoch = self._next_epoch
+        if self._drawn is not None:
+            epoch = _claim_epoch(self._drawn, self.seed, epoch, self._epoch_set)
+        self.epoch, self._next_epoch, self._epoch_set = epoch, epoch + 1, False
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int) -> Iterator[list[int]]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         n = self.num_samples
         for _ in range(self.steps):
             # Independent inclusion of each index == a Binomial(n, q) size, then a uniform
@@ -88,6 +107,24 @@ class PoissonBatchSampler(Sampler[list[int]]):
             size = int(rng.binomial(n, self.sample_rate))
             batch = np.sort(rng.choice(n, size=size, replace=False))
             yield batch[self.rank::self.world_size].tolist()
+
+
+def _claim_epoch(drawn: dict[int, set[int]], seed: int, epoch: int, named: bool) -> int:
+    """The epoch to draw for ``seed`` given the optimizer's record ``drawn`` (updated): ``epoch``
+    if not drawn yet, else the one after the last drawn (an error when ``set_epoch`` named
+    it)."""
+    used = drawn.setdefault(seed, set())
+    if epoch in used:
+        if named:
+            raise RuntimeError(
+                f"dpkernels: PoissonBatchSampler(seed={seed}): epoch {epoch} was already drawn "
+                "for this DPOptimizer. Drawing the same Poisson batches again makes steps the "
+                "accountant counts as independent share their samples, so the reported "
+                f"epsilon would be too small. set_epoch() to an epoch not drawn yet (the next "
+                f"is {max(used) + 1}), use another seed, or pass seed=None (fresh OS entropy).")
+        epoch = max(used) + 1
+    used.add(epoch)
+    return epoch
 
 
 def _empty_like(batch: Any) -> Any:
@@ -163,6 +200,8 @@ def use_loader(optimizer, loader: DataLoader) -> None:
     if isinstance(sampler, PoissonBatchSampler):
         optimizer.sample_rate = sampler.sample_rate
         optimizer.poisson = True
+        if sampler.seed_given:  # no epoch of this seed drawn twice for this optimizer
+            sampler._drawn = optimizer.poisson_epochs
         return
     optimizer.poisson = False
     batch_size = getattr(loader, "batch_size", None)

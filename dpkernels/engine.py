@@ -32,6 +32,9 @@ from dpkernels.layers.base import (
     cross,
     cross_error,
     stacked_bounds,
+    underflow_cross,
+    underflow_eta,
+    underflow_own,
 )
 from dpkernels.reference import bounds as ref_bounds
 
@@ -45,6 +48,8 @@ NORM_MARGIN = {torch.float64: 0.0, torch.float32: 2.0**-16}
 
 
 class Engine:
+    clipping = "flat"  # one bound for the whole gradient (PerLayerEngine: "per_layer")
+
     def __init__(
         self,
         model: nn.Module,
@@ -104,6 +109,7 @@ class Engine:
         self._mag_items: list[tuple] = []  # (a | None, g) per row
         # id(use) -> (row, unit roundoff); the use is kept in self.uses until they are taken
         self._mag_rows: dict[int, tuple[int, float]] = {}
+        self._mag_keys: dict[tuple, int] = {}  # (id(a) | None, id(g)) -> row
         self._err_own: list[tuple] = []  # (row, kappa u, (T + 16) u, norm_sq): stacked_bounds
         self._err_cross: list[tuple] = []  # (row, row', 2 max(kappa, kappa') u)
         self.batch_size: int | None = None
@@ -447,17 +453,33 @@ class Engine:
         # mode's norms pass), and for engines that take every bound at clip time
         defer = self.phase is None and self.defer_norm_rows
         terms = None
+        cross_err = None
         mine = self._magnitude_row(use) if defer else None
+        mine_uf = self._underflow_rows(use) if defer else None
         if mine is not None:
             k = use.bound_constants()
             if k is not None:
                 self._err_own.append((mine[0], k[0] * mine[1], (k[1] + 16) * mine[1], own))
         else:
             terms = use.error_terms()
-        cross_err = None
+        if mine_uf is not None:  # underflow of a Gram form (layers/base.py): 2 eta (m Y^2 + n X^2)
+            x, y, m, n, eta = mine_uf
+            self._err_cross += [(y, y, 2.0 * eta * m), (x, x, 2.0 * eta * n)]
+        else:
+            cross_err = underflow_own(use)
         for u in earlier:
             contrib = contrib + 2.0 * cross(u, use, self.op)
             theirs = self._magnitude_row(u) if mine is not None else None
+            theirs_uf = self._underflow_rows(u) if mine_uf is not None else None
+            if theirs_uf is not None:
+                x, y, m, n, eta = mine_uf
+                x2, y2, m2, n2, eta2 = theirs_uf
+                k = 4.0 * max(eta, eta2)
+                self._err_cross += [(y2, y, k * max(m, m2)), (x2, x, k * max(n, n2))]
+            else:
+                e = underflow_cross(u, use)
+                if e is not None:
+                    cross_err = e if cross_err is None else cross_err + e
             if theirs is not None:
                 # the larger unit roundoff of the two: never looser than cross_error's
                 self._err_cross.append((theirs[0], mine[0], 2.0 * max(u.kappa(), use.kappa())
@@ -482,9 +504,30 @@ class Engine:
         dt = torch.promote_types(g.dtype, torch.float32)
         if a is not None:
             dt = torch.promote_types(dt, a.dtype)
-        known = self._mag_rows[id(use)] = (len(self._mag_items), UNIT_ROUNDOFF.get(dt, 2.0**-24))
-        self._mag_items.append(ops)
+        known = self._mag_rows[id(use)] = (self._item_row(a, g), UNIT_ROUNDOFF.get(dt, 2.0**-24))
         return known
+
+    def _item_row(self, a: torch.Tensor | None, g: torch.Tensor) -> int:
+        """The row of ``magnitude(a, g)`` in the deferred magnitudes (one per pair of tensors:
+        a Linear's ``sum_t |g_t|`` is its bias's magnitude)."""
+        key = (None if a is None else id(a), id(g))
+        row = self._mag_keys.get(key)
+        if row is None:
+            row = self._mag_keys[key] = len(self._mag_items)
+            self._mag_items.append((a, g))  # keeps a and g alive, so the ids stay unique
+        return row
+
+    def _underflow_rows(self, use: Use) -> tuple | None:
+        """``use.underflow_operands()`` as rows of the deferred magnitudes (or constants),
+        with eta: (x, y, m, n, eta); None when it has none."""
+        ops = use.underflow_operands()
+        if ops is None:
+            return None
+        x, y, m, n = ops
+        ts = [t for t in (x, y) if isinstance(t, torch.Tensor)]
+        rows = [self._item_row(None, t) if isinstance(t, torch.Tensor) else float(t)
+                for t in (x, y)]
+        return (*rows, m, n, underflow_eta(*(t.dtype for t in ts)))
 
     def add_norm(self, p: nn.Parameter, contrib: torch.Tensor, terms: tuple | None,
                  cross_err: torch.Tensor | None) -> None:
@@ -552,6 +595,7 @@ class Engine:
         self.norm_sq = None
         self._err_terms, self._err_parts = [], []
         self._mag_items, self._mag_rows, self._err_own, self._err_cross = [], {}, [], []
+        self._mag_keys = {}
         self.batch_size = None
         self.first_module = None
         self.bad_samples = None
@@ -657,13 +701,16 @@ class Engine:
         self._norm_sq = norm_sq
         self.last_norms = norms
         if not bool(all_finite):
-            bad = ~torch.isfinite(norms)
+            # a non-finite norm or bound (the op gave those samples c_b = 0; so it does to
+            # the rare sample whose factor underflows, which is dropped with them)
+            bad = factors == 0
             self.bad_samples = bad
             idx = bad.nonzero().flatten().tolist()
             self.nonfinite_samples += len(idx)
             warnings.warn(
                 f"dpkernels: {len(idx)} of {norms.numel()} samples had a non-finite (NaN or "
-                f"inf) per-sample gradient (indices within this micro-batch: {idx[:10]}"
+                f"inf) per-sample gradient or norm bound (indices within this micro-batch: "
+                f"{idx[:10]}"
                 f"{' ...' if len(idx) > 10 else ''}); they were given clip factor 0 and "
                 "contribute nothing to this step (dp_opt.nonfinite_samples counts them)",
                 stacklevel=4,

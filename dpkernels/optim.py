@@ -82,6 +82,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.calibration = None
         # make_private(adaptive_clipping=...): the dpkernels.adaptive.AdaptiveClipping
         self.adaptive = None
+        # dpkernels.schedules objects made on this optimizer (they register themselves), whose
+        # positions state_dict() saves
+        self.schedules: list = []
         # (noise_multiplier, sample_rate or None, number of steps): for the accountant
         self.history: list[list] = []
         # Set by the dpkernels.data helpers: the Poisson sample rate of the batches, and
@@ -90,12 +93,20 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate: float | None = None
         self.poisson: bool | None = None
         self.non_poisson_steps = 0
+        # {explicit Poisson seed: epochs drawn}: a seeded sampler feeding this optimizer never
+        # replays an epoch (dpkernels.data.PoissonBatchSampler), also across a resume
+        self.poisson_epochs: dict[int, set[int]] = {}
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
                 "dpkernels: LBFGS evaluates the loss several times per step (a closure), each "
                 "on the private batch; DP-SGD accounts for one clipped, noised gradient per "
                 "step. Use a first-order optimizer (SGD, Adam, AdamW, ...)"
             )
+        # the wrapped optimizer's own step() would apply no gradient (before dp_opt.step())
+        # or the last noised one a second time: only dp_opt.step() may call it
+        self._stepping = False
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        self._inner_hook = register(self._inner_step_pre_hook) if register else None
         self._managed = {id(p) for p in engine.params}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -153,12 +164,42 @@ class DPOptimizer(torch.optim.Optimizer):
         self._refuse_mid_batch("expected_batch_size")
         self._expected_batch_size = value
 
-    def _refuse_mid_batch(self, what: str) -> None:
+    def _pending_batch(self) -> str | None:
+        """What this optimizer holds of an unfinished logical batch (None after step(),
+        discard() or before the first backward)."""
         engine = getattr(self, "engine", None)
-        if engine is not None and (engine.acc or engine.uses):
+        if engine is None:
+            return None
+        if engine.acc:
+            return "the clipped sums that dp_opt.accumulate() folded in since the last step()"
+        if engine.uses:
+            return ("the per-sample gradients of a backward not yet folded in by "
+                    "dp_opt.accumulate() or dp_opt.step()")
+        adaptive = getattr(self, "adaptive", None)
+        if adaptive is not None and adaptive.count is not None:
+            return "the adaptive clipping count of the micro-batches since the last step()"
+        return None
+
+    def _refuse_state_dict_mid_batch(self) -> None:
+        """The pending sums are not saved (a checkpoint of unnoised clipped gradients would
+        leak them), so a checkpoint taken now would resume a shorter logical batch."""
+        pending = self._pending_batch()
+        if pending is not None:
             raise RuntimeError(
-                f"dpkernels: {what} cannot change in the middle of a logical batch (clipped "
-                "sums are pending: some micro-batches would be clipped or noised with the old "
+                "dpkernels: dp_opt.state_dict() was called while a logical batch is in "
+                f"progress (pending: {pending}). That is not saved (clipped but not yet noised "
+                "sums must not go into a checkpoint), so a run resumed from this checkpoint "
+                "would step on fewer samples than it trained on. Call state_dict() right after "
+                "dp_opt.step(), or drop the unfinished logical batch with dp_opt.discard() "
+                "first"
+            )
+
+    def _refuse_mid_batch(self, what: str) -> None:
+        pending = self._pending_batch()
+        if pending is not None:
+            raise RuntimeError(
+                f"dpkernels: {what} cannot change in the middle of a logical batch (pending: "
+                f"{pending}; some micro-batches would be clipped or noised with the old "
                 "value); change it right after dp_opt.step(), or call dp_opt.discard() first"
             )
 
@@ -235,6 +276,18 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_attached("accumulate")
         self.engine.fold(finalize=False)
 
+    def _inner_step_pre_hook(self, optimizer, args, kwargs) -> None:
+        if not self._stepping and self.engine.attached:
+            raise RuntimeError(
+                "dpkernels: step() of the optimizer wrapped by make_private was called "
+                "directly; it would apply no private gradient (or the last one again). Call "
+                "step() on the DPOptimizer that make_private returned (or dpkernels.detach("
+                "model) to train without DP)"
+            )
+
+    # GradScaler.step(dp_opt) then hands its scale to step() (grad_scale), which refuses it
+    _step_supports_amp_scaling = True
+
     def __deepcopy__(self, memo):
         raise TypeError(
             "dpkernels: a DPOptimizer cannot be deep-copied (it is bound to its model's "
@@ -244,6 +297,15 @@ class DPOptimizer(torch.optim.Optimizer):
     @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks, as for any optimizer
     def step(self, closure=None):
         self._check_attached("step")
+        if getattr(self, "grad_scale", None) is not None:
+            raise ValueError(
+                "dpkernels: GradScaler is not supported: its loss scale would enter every "
+                "per-sample gradient before clipping (clipping at max_grad_norm / scale), and its "
+                "inf check cannot see the engine's gradients. Use bf16 autocast (no scaler "
+                "needed) or float32; per-sample gradients that are not finite are already "
+                "dropped by the engine (dp_opt.nonfinite_samples)"
+            )
+        _check_outside_state(self.engine.model, self.engine, at_step=True)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -273,7 +335,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self._log_step(self.sample_rate)
         if self.adaptive is not None:
             self.adaptive.after_step(self, step)  # C for the next step
-        self.original_optimizer.step()
+        self._stepping = True
+        try:
+            self.original_optimizer.step()
+        finally:
+            self._stepping = False
         return loss
 
     def _check_provenance(self) -> None:
@@ -363,6 +429,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._refuse_state_dict_mid_batch()
         return {
             "optimizer": self.original_optimizer.state_dict(),
             "dp": {
@@ -376,6 +443,9 @@ class DPOptimizer(torch.optim.Optimizer):
                 "sample_rate": self.sample_rate,
                 "poisson": self.poisson,
                 "non_poisson_steps": self.non_poisson_steps,
+                "poisson_epochs": {k: sorted(v) for k, v in self.poisson_epochs.items()},
+                "secure_mode": self.secure_mode,
+                **self._clipping_state(),
             },
         }
 
@@ -398,11 +468,21 @@ class DPOptimizer(torch.optim.Optimizer):
                              "loss_reduction='mean' but no expected_batch_size")
         C = _finite("max_grad_norm", dp["max_grad_norm"], positive=True)
         sigma = _finite("noise_multiplier", dp["noise_multiplier"], positive=False)
+        secure = dp.get("secure_mode")  # None: a checkpoint from before it was saved
+        if secure is not None and bool(secure) != self.secure_mode:
+            raise ValueError(
+                f"dpkernels: load_state_dict: the checkpoint was saved with secure_mode="
+                f"{bool(secure)} but this optimizer has secure_mode={self.secure_mode}; a "
+                "resumed run must draw its noise the same way: make_private(..., secure_mode="
+                f"{bool(secure)}) before loading"
+            )
+        apply_clipping_state = self._check_clipping_state(dp, sigma, ebs)
         self._refuse_mid_batch("the DP state (load_state_dict)")
         self.original_optimizer.load_state_dict(state["optimizer"])
         self.steps = int(dp["steps"])
         self.noise_multiplier = sigma
         self.max_grad_norm = C  # the engine's C: one source of truth
+        apply_clipping_state()  # per-layer bounds (their total is C), adaptive, schedules
         self.expected_batch_size = ebs
         # the engine turns the loss back into per-sample losses with it (loss_scale)
         self.loss_reduction = self.engine.loss_reduction = reduction
@@ -414,6 +494,87 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate = dp.get("sample_rate")
         self.poisson = dp.get("poisson")
         self.non_poisson_steps = int(dp.get("non_poisson_steps", 0))
+        # in place: samplers already attached keep reading this record
+        self.poisson_epochs.clear()
+        self.poisson_epochs.update({int(k): {int(e) for e in v}
+                                    for k, v in dp.get("poisson_epochs", {}).items()})
+
+    # The clipping mode, the per-layer bounds, the adaptive clipping settings and the
+    # schedules' positions determine the next steps as much as C and sigma do.  A checkpoint
+    # and the optimizer it is loaded into must agree on what kind of clipping runs (mode,
+    # per-layer groups, adaptive or not, which schedules); the values (bounds, quantile,
+    # learning rates, schedule positions) then come from the checkpoint, as C and sigma do.
+    def _clipping_state(self) -> dict:
+        engine = self.engine
+        state: dict = {"clipping": getattr(engine, "clipping", "flat"), "adaptive": None,
+                       "schedules": [{"type": type(s).__name__, "state": s.state_dict()}
+                                     for s in self.schedules]}
+        if state["clipping"] == "per_layer":
+            state["group_labels"] = list(engine.group_labels)
+            state["group_bounds"] = list(engine.group_bounds)
+        if self.adaptive is not None:
+            state["adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def _check_clipping_state(self, dp: dict, sigma: float, ebs: float | None):
+        """Validate the checkpoint's clipping state against this optimizer without changing
+        anything; return the function that applies it."""
+        def refuse(what: str) -> ValueError:
+            return ValueError(f"dpkernels: load_state_dict: {what}")
+
+        engine = self.engine
+        mine, saved = getattr(engine, "clipping", "flat"), dp.get("clipping", "flat")
+        if saved != mine:
+            raise refuse(f"the checkpoint was saved with clipping={saved!r} but this optimizer "
+                         f"uses clipping={mine!r}; make_private with clipping={saved!r} (and "
+                         "its bounds) to resume it")
+        bounds = None
+        if mine == "per_layer":
+            labels = list(dp.get("group_labels") or [])
+            if labels != list(engine.group_labels):
+                raise refuse(f"per-layer clipping groups differ: the checkpoint has {labels}, "
+                             f"this optimizer {list(engine.group_labels)}; make_private with "
+                             "max_grad_norm covering the same groups to resume it")
+            bounds = [_finite(f"max_grad_norm[{k!r}]", c, positive=True)
+                      for k, c in zip(labels, dp["group_bounds"])]
+            if len(bounds) != len(labels) or len(dp["group_bounds"]) != len(labels):
+                raise refuse(f"the checkpoint has {len(labels)} per-layer groups but "
+                             f"{len(dp['group_bounds'])} bounds")
+            total = math.sqrt(sum(c * c for c in bounds))
+            if not math.isclose(total, float(dp["max_grad_norm"]), rel_tol=1e-12):
+                raise refuse(f"the checkpoint's per-layer bounds have total sqrt(sum C_k^2) = "
+                             f"{total!r} but its max_grad_norm is {dp['max_grad_norm']!r}")
+        adaptive = dp.get("adaptive")
+        if (adaptive is None) != (self.adaptive is None):
+            have = "with" if adaptive is not None else "without"
+            fix = ("pass adaptive_clipping=dpkernels.AdaptiveClipping() to make_private"
+                   if adaptive is not None else "make_private without adaptive_clipping")
+            raise refuse(f"the checkpoint was saved {have} adaptive clipping and this optimizer "
+                         f"is {'without' if adaptive is not None else 'with'} it; {fix} to "
+                         "resume it")
+        if adaptive is not None:
+            adaptive = self.adaptive.check_state(adaptive, sigma, ebs)
+        saved_sched = dp.get("schedules", [])
+        kinds = [s["type"] for s in saved_sched]
+        have = [type(s).__name__ for s in self.schedules]
+        if kinds != have:
+            raise refuse(
+                f"the checkpoint was saved with the schedules {kinds} and this optimizer has "
+                f"{have}: create the same schedules, in the same order, on this optimizer "
+                "before load_state_dict (a schedule new to the resumed run: create it after "
+                "load_state_dict, so that it starts from the loaded values)")
+        for sched, saved in zip(self.schedules, saved_sched):
+            sched.check_state(saved["state"])
+
+        def apply() -> None:
+            if bounds is not None:
+                engine.group_bounds = bounds
+            if adaptive is not None:
+                self.adaptive.load_state(adaptive)
+            for sched, saved in zip(self.schedules, saved_sched):
+                sched.load_state_dict(saved["state"])
+
+        return apply
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm="
@@ -532,6 +693,7 @@ def make_private(
     not built); ``seed`` is refused.  With ``distributed=True`` rank 0 draws the noise and
     adds it to its clipped sum before the all-reduce.
     """
+    _check_outside_state(model)
     calibration = _calibrate(noise_multiplier, target_epsilon, target_delta, epochs, steps,
                              sample_rate)
     if calibration is not None:
@@ -544,6 +706,7 @@ def make_private(
     engine.multiple_forwards = bool(multiple_forwards)
     engine.attach()
     try:
+        _check_outside_state(model, engine)
         dp = DPOptimizer(optimizer, engine, noise_multiplier=noise_multiplier,
                          max_grad_norm=engine.max_grad_norm,
                          expected_batch_size=expected_batch_size,
@@ -563,6 +726,49 @@ def make_private(
     if sample_rate is not None:
         dp.sample_rate = float(sample_rate)
     return dp
+
+
+def _check_outside_state(model: nn.Module, engine: Engine | None = None,
+                         at_step: bool = False) -> None:
+    """Trainable state the engine cannot clip, refused by name: a buffer that requires grad
+    (its gradient is never clipped), a lazy parameter not yet materialised, a hook on a
+    parameter (the engine writes ``param.grad`` itself, so a gradient hook would never see
+    the private gradient, and an optimizer-in-backward hook would never step it; checked
+    once ``engine`` is attached, its own hooks excepted), and, at ``step()``, a parameter
+    added to the model after make_private that holds a gradient (created in a forward: that
+    gradient is raw)."""
+    for name, b in model.named_buffers():
+        if b.requires_grad:
+            raise ValueError(
+                f"dpkernels: buffer {name!r} requires grad: its gradient would be neither "
+                "clipped nor noised. Register it as a parameter (then it is trained privately) "
+                "or call requires_grad_(False) on it"
+            )
+    ours = set() if engine is None else {h.id for h in engine._hooks}
+    for name, p in model.named_parameters():
+        if nn.parameter.is_lazy(p):
+            raise ValueError(
+                f"dpkernels: parameter {name!r} is uninitialised (a Lazy module): run one "
+                "forward with a dummy batch before make_private, so that it exists when the "
+                "engine attaches"
+            )
+        if engine is None:
+            continue
+        hooks = [k for k in (p._backward_hooks or {}) if k not in ours]
+        if hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            raise ValueError(
+                f"dpkernels: parameter {name!r} has a gradient hook (register_hook or "
+                "register_post_accumulate_grad_hook); the engine writes the clipped, noised "
+                "gradient itself, so the hook would never see it. Remove the hook and do the "
+                "work on param.grad after dp_opt.step() has written it"
+            )
+        if at_step and p not in engine.param_index and p.grad is not None:
+            raise RuntimeError(
+                f"dpkernels: parameter {name!r} was added to the model after make_private "
+                "(e.g. created in a forward) and holds a gradient that was neither clipped nor "
+                "noised. Create every parameter before make_private (run a dummy forward "
+                "first), or call dpkernels.detach(model) and make_private again"
+            )
 
 
 def _engine_class(clipping, max_grad_norm, distributed):

@@ -250,7 +250,8 @@ class PerLayerEngine(Engine):
             norms, bound = norm_bound(self.group_norm_sq[k], self.group_err_sq.get(k),
                                       self.loss_scale)
             c = (self.group_bounds[k] / (bound + 1e-6)).clamp(max=1.0)
-            finite = torch.isfinite(norms)
+            c = torch.where(c < torch.finfo(c.dtype).tiny, 0.0, c)  # as ref clip_factors
+            finite = torch.isfinite(norms) & torch.isfinite(bound)  # NaN bound: c = 0 too
             bad = None
             if not bool(finite.all()):  # as in the flat mode: c = 0 and rows zeroed
                 bad = ~finite

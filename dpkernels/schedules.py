@@ -42,6 +42,8 @@ class _Schedule:
         self.optimizer = optimizer
         self.base = float(getattr(optimizer, self.attr))
         self.last_step = 0
+        # dp_opt.state_dict() saves this schedule's position; load_state_dict restores it
+        optimizer.schedules.append(self)
 
     def factor(self, step: int) -> float:
         """The value after ``step`` schedule steps, as a multiple of the base value."""
@@ -59,7 +61,30 @@ class _Schedule:
     def state_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k not in ("optimizer", "fn")}
 
+    def check_state(self, state: dict) -> None:
+        """Raise a ValueError unless ``state`` is a state_dict() of this kind of schedule."""
+        name = type(self).__name__
+        if not isinstance(state, dict) or set(state) != set(self.state_dict()):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"dpkernels: {name}.load_state_dict: expected the keys "
+                             f"{sorted(self.state_dict())}, got {keys}")
+        _positive(f"{name} base", state["base"])
+        step = state["last_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"dpkernels: {name}.load_state_dict: last_step must be an "
+                             f"integer >= 0, got {step!r}")
+        if "gamma" in state:
+            _positive(f"{name} gamma", state["gamma"])
+        if "step_size" in state and (isinstance(state["step_size"], bool) or not
+                                     isinstance(state["step_size"], int)
+                                     or state["step_size"] < 1):
+            raise ValueError(f"dpkernels: {name}.load_state_dict: step_size must be an "
+                             f"integer >= 1, got {state['step_size']!r}")
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore the base value, the settings (gamma, step_size) and the position.  The
+        DPOptimizer's own load_state_dict does this for every schedule made on it."""
+        self.check_state(state)
         vars(self).update(state)
 
 

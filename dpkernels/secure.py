@@ -18,6 +18,12 @@ import torch
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
+STREAM_ELEMS = 1 << 33  # 2^32 ChaCha20 blocks of two normals
+# Noise is drawn and added this many elements at a time, so that a step holds one chunk of
+# noise on top of the gradients, never a parameter-sized noise tensor (as the reference's
+# Philox noise: dpkernels/reference/_common.py).  Any chunking gives the same bits.
+NOISE_CHUNK_ELEMS = 1 << 18
+NOISE_CHUNK_ELEMS_GPU = 1 << 24  # a GPU: fewer launches, still small next to the gradients
 _STATUS_FILE = Path(__file__).with_name("_build_status.txt")
 
 
@@ -36,6 +42,11 @@ def available() -> tuple[bool, str]:
         return False, why
     if not hasattr(torch.ops.dpkernels, "secure_normal_"):
         return False, "dpkernels._C was imported but does not register dpkernels::secure_normal_"
+    args = [a.name for a in torch.ops.dpkernels.secure_normal_.default._schema.arguments]
+    if "offset" not in args:  # a build from before the noise was drawn in chunks
+        return False, ("dpkernels._C is out of date: it was built from an older csrc/ (its "
+                       "secure_normal_ takes no stream offset); rebuild it with python setup.py "
+                       "build_ext --inplace")
     return True, ""
 
 
@@ -72,9 +83,12 @@ def chacha20_keystream(key: bytes, nonce: bytes, counter: int, num_blocks: int) 
     return out.numpy().tobytes()
 
 
-def secure_normal_(out: torch.Tensor, key: bytes, stream: int, std: float) -> torch.Tensor:
-    """Fill ``out`` (contiguous float32/float64, CPU or CUDA) with ``std * z``, z ~ N(0, I),
-    from stream ``stream`` of ChaCha20 key ``key`` (32 bytes); returns ``out``."""
+def secure_normal_(out: torch.Tensor, key: bytes, stream: int, std: float,
+                   offset: int = 0) -> torch.Tensor:
+    """Fill ``out`` (contiguous float32/float64, CPU or CUDA) with ``std * z``, where ``z`` is
+    elements ``offset .. offset + out.numel() - 1`` of the N(0, 1) sequence of stream
+    ``stream`` of ChaCha20 key ``key`` (32 bytes); returns ``out``.  ChaCha20 is counter-based,
+    so a draw in chunks (each at its offset) equals the whole draw bit for bit."""
     require()
     if not isinstance(out, torch.Tensor):
         raise TypeError("dpkernels.secure_normal_: out must be a tensor, got "
@@ -94,17 +108,24 @@ def secure_normal_(out: torch.Tensor, key: bytes, stream: int, std: float) -> to
                            "--no-build-isolation -e .)")
     if not 0 <= int(stream) < 1 << 63:
         raise ValueError(f"dpkernels.secure_normal_: stream must be in [0, 2^63), got {stream}")
+    if not 0 <= int(offset) <= STREAM_ELEMS - out.numel():
+        raise ValueError(f"dpkernels.secure_normal_: offset must be >= 0 and offset + "
+                         f"out.numel() <= 2^33 (one stream's length), got offset={offset}, "
+                         f"numel={out.numel()}")
     std = float(std)
     if not (std >= 0 and std != float("inf")):
         raise ValueError(f"dpkernels.secure_normal_: std must be finite and >= 0, got {std}")
-    torch.ops.dpkernels.secure_normal_(out, _words(key, KEY_BYTES, "key"), int(stream), std)
+    torch.ops.dpkernels.secure_normal_(out, _words(key, KEY_BYTES, "key"), int(stream), std,
+                                       int(offset))
     return out
 
 
 class StepNoise:
     """The noise of one step: a fresh key from ``os.urandom``; parameter ``index`` draws from
     stream ``index``.  Call it once per parameter: ``noise(index, acc)`` adds ``std * z`` to
-    ``acc`` in place (float32 noise for a float32 accumulator, float64 for float64)."""
+    ``acc`` in place (float32 noise for a float32 accumulator, float64 for float64), drawn in
+    chunks of NOISE_CHUNK_ELEMS elements at their offsets in the stream: the same bits as one
+    whole draw, without a second parameter-sized tensor."""
 
     def __init__(self, std: float) -> None:
         require()
@@ -121,9 +142,20 @@ class StepNoise:
             return acc
         # Without the CUDA kernel, CUDA accumulators get the CPU op's noise (the same bits).
         device = acc.device if acc.device.type == "cpu" or with_cuda() else "cpu"
-        z = torch.empty(acc.shape, dtype=acc.dtype, device=device)
-        secure_normal_(z, self._key, index, self.std)
-        return acc.add_(z.to(acc.device))
+        n = acc.numel()
+        if not acc.is_contiguous():  # (the engine's sums are contiguous) one whole draw
+            z = torch.empty(acc.shape, dtype=acc.dtype, device=device)
+            secure_normal_(z, self._key, index, self.std)
+            return acc.add_(z.to(acc.device))
+        flat = acc.view(-1)
+        chunk = max(1, int(NOISE_CHUNK_ELEMS if torch.device(device).type == "cpu"
+                           else NOISE_CHUNK_ELEMS_GPU))
+        buf = torch.empty(min(n, chunk), dtype=acc.dtype, device=device)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            z = secure_normal_(buf[:hi - lo], self._key, index, self.std, offset=lo)
+            flat[lo:hi].add_(z.to(acc.device))
+        return acc
 
 
 def no_noise(index: int, acc: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ processes, its CSV contract, Opacus reported as skipped when it is missing), and
 bench/models.py model through one forward."""
 
 import csv
+import json
 import importlib.util
 import os
 import subprocess
@@ -86,6 +87,45 @@ def test_models_forward(name, sizes, batch, seq, out_shape):
     assert per_sample.shape[0] == (batch * seq if seq else batch)
 
 
+@pytest.mark.parametrize("label", ["hf-gpt2-tiny", "hf-llama-tiny"])
+def test_hf_models_on_the_fast_path(label):
+    """The tiny transformers cases of bench/e2e.py build, run a DP step and use no generic
+    fallback (a fallback would make their timings meaningless)."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import dpkernels
+
+    arch, sizes = e2e.MODELS[label]
+    spec = models.spec(arch, **sizes, seq=16)
+    torch.manual_seed(0)
+    model = spec.model()
+    x, y = spec.batch(3, 16)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=3,
+                                backend="reference")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dpkernels")
+        out = model(x)
+        assert out.shape == (3, 16, sizes["vocab"])
+        spec.loss(out, y).backward()
+        dp.step()
+    assert dp.per_sample_norms.shape == (3,)
+
+
+def test_hf_model_sizes():
+    """hf-gpt2 is GPT-2 small (124.4 M parameters), hf-llama-1b TinyLlama's 1.10 B shape
+    (built on the meta device: nothing allocated)."""
+    pytest.importorskip("transformers")
+    counts = {}
+    for label in ("hf-gpt2", "hf-llama-1b"):
+        arch, sizes = e2e.MODELS[label]
+        with torch.device("meta"):
+            m = models.spec(arch, **sizes, seq=256).model()
+        counts[label] = sum(p.numel() for p in m.parameters())
+    assert counts == {"hf-gpt2": 124_439_808, "hf-llama-1b": 1_100_048_384}
+
+
 def test_model_sizes_match_anchors():
     gpt = models.gpt(seq=256)
     n = sum(p.numel() for p in gpt.parameters())
@@ -151,3 +191,43 @@ def test_kernels_refuses_without_gpu():
     p = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py")],
                        capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert p.returncode == 0 and "needs a CUDA GPU" in p.stdout
+
+
+def test_ops_bench_covers_every_op():
+    """bench/test_ops_bench.py has a CPU and a GPU case for every registered op (a new op
+    needs a micro-benchmark), and a reference and a Triton provider for each."""
+    from bench import test_ops_bench as ob
+    from dpkernels import dispatch
+
+    names = set(dispatch.op_names())
+    assert names - set(ob.CPU) == set()
+    assert names - set(ob.GPU) == set()
+    ids = {p.id for p in ob._params()}
+    for op in names:
+        for provider in ("reference", "triton"):
+            assert any(i.startswith(op + "-") and i.endswith("-fp32-" + provider) for i in ids)
+
+
+def test_ops_bench_runs_one_case(tmp_path):
+    """`pytest bench/ --benchmark-only` collects, runs a tiny case on the reference, skips the
+    Triton one without a GPU, and writes pytest-benchmark's JSON with our machine info."""
+    out = tmp_path / "ops.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p",
+         "no:cacheprovider", "-k", "test_op and dense_norm- and fp32",
+         "--benchmark-max-time=0.05", "--benchmark-min-rounds=2", "--benchmark-warmup=off",
+         f"--benchmark-json={out}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["dpkernels"]["torch"] == torch.__version__
+    done = {b["extra_info"]["provider"] for b in data["benchmarks"]}
+    assert "reference" in done
+    assert all(b["stats"]["rounds"] >= 2 and b["stats"]["median"] > 0
+               for b in data["benchmarks"])
+    if not torch.cuda.is_available():
+        assert done == {"reference"}
+        assert "1 skipped" in p.stdout  # the Triton case, reported as skipped

@@ -171,3 +171,61 @@ def test_leaving_micro_batches_early_discards_the_partial_batch():
     assert not dp.engine.acc and not dp.engine.uses
     dp.step()  # nothing stale: zero gradient (noise 0)
     assert all(p.grad.abs().max() == 0 for p in model.parameters())
+
+
+def _epochs_of(loader, n):
+    """The first ``n`` epochs a loader draws, as lists of batches of dataset indices."""
+    return [list(loader.batch_sampler._batches(e)) for e in range(n)]
+
+
+def _draw(loader):
+    """One pass over the loader: the index batches it drew (and the epoch it took)."""
+    seen = [list(b) for b in loader.batch_sampler]
+    return loader.batch_sampler.epoch, seen
+
+
+def test_seeded_loader_never_replays_an_epoch_for_the_same_optimizer():
+    """Two Poisson loaders with the same explicit seed feeding one optimizer (a restarted
+    training loop, a second train()) drew the very same batches: steps the accountant
+    counts as independent Poisson samples then share their samples, and epsilon is too
+    small.  The second loader must continue with the seed's next epoch; set_epoch() to an
+    epoch already drawn must raise; a resumed optimizer keeps the record."""
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    _, opt = _model_and_opt()
+    first = dpkernels.poisson_loader(ds, 0.25, steps=3, seed=11, optimizer=opt)
+    want = _epochs_of(first, 4)
+    assert _draw(first) == (0, want[0])
+    second = dpkernels.poisson_loader(ds, 0.25, steps=3, seed=11, optimizer=opt)
+    assert _draw(second) == (1, want[1])  # not epoch 0 again
+    assert _draw(first) == (2, want[2])
+    assert opt.poisson_epochs == {11: {0, 1, 2}}
+    first.batch_sampler.set_epoch(1)
+    with pytest.raises(RuntimeError, match=r"seed=11\): epoch 1 was already drawn .* next is 3"):
+        iter(first.batch_sampler)
+    # micro_batches attaches the loader too
+    third = dpkernels.poisson_loader(ds, 0.25, steps=3, seed=11)
+    third.batch_sampler.set_epoch(0)
+    with pytest.raises(RuntimeError, match="epoch 0 was already drawn"):
+        next(iter(dpkernels.micro_batches(third, opt, max_physical_batch_size=4)))
+    # resumed from a checkpoint: the record comes along, the new loader continues after it
+    _, resumed = _model_and_opt()
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.poisson_epochs == {11: {0, 1, 2}}
+    again = dpkernels.poisson_loader(ds, 0.25, steps=3, seed=11, optimizer=resumed)
+    assert _draw(again) == (3, want[3])
+    # another seed, or another optimizer, starts at its own epoch 0
+    other = dpkernels.poisson_loader(ds, 0.25, steps=3, seed=12, optimizer=opt)
+    assert _draw(other)[0] == 0
+    _, fresh = _model_and_opt()
+    assert _draw(dpkernels.poisson_loader(ds, 0.25, steps=3, seed=11, optimizer=fresh)) == (
+        0, want[0])
+
+
+def test_os_seeded_loader_keeps_no_record():
+    """seed=None draws fresh OS entropy per sampler (nothing to replay): the optimizer keeps
+    no record, so no OS-drawn seed reaches a checkpoint (it would reveal the batches)."""
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    _, opt = _model_and_opt()
+    loader = dpkernels.poisson_loader(ds, 0.25, steps=2, optimizer=opt)
+    list(loader.batch_sampler)
+    assert opt.poisson_epochs == {} and opt.state_dict()["dp"]["poisson_epochs"] == {}

@@ -174,6 +174,18 @@ def test_gpt2_peft_lora_adapters_only():
     exact(m, lm_loss, x, y)
 
 
+def checkpointing(model, reentrant):
+    """Activation checkpointing on every layer, by the name this transformers version gives it
+    (``gradient_checkpointing_enable`` before 5.x, ``activation_checkpointing_enable`` since,
+    the old name deprecated)."""
+    kw = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    assert model.is_gradient_checkpointing
+
+
 def dp_step(model, x, y):
     """(per-sample norms, {name: grad}) of one noiseless DP step."""
     dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
@@ -187,20 +199,20 @@ def dp_step(model, x, y):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing(reentrant):
-    """HF's gradient_checkpointing_enable(): each layer's forward re-runs inside the backward;
+    """HF's activation (gradient) checkpointing: each layer's forward re-runs inside the backward;
     every use is recorded once.  GPT-2: exact against the oracle on the same model without
     checkpointing.  Llama (whose norms compute in float32 on purpose, see KeepFloat64, which
     does not reach the re-run inside the backward): the same as without checkpointing."""
     m = gpt2()
     ref = copy.deepcopy(m)
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    assert m.is_gradient_checkpointing and not ref.is_gradient_checkpointing
+    checkpointing(m, reentrant)
+    assert not ref.is_gradient_checkpointing
     x, y = tokens(seed=2)
     exact(m, lm_loss, x, y, reference=ref)
 
     m = llama_like("llama", tied=True)
     plain = dp_step(copy.deepcopy(m), x, y)
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointing(m, reentrant)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="dpkernels")
         ckpt = dp_step(m, x, y)

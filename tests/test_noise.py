@@ -84,3 +84,19 @@ def test_noise_once_per_parameter_independent(backend, batch):
         assert all(g.any() for g in clean.values())
     noise = {k: noisy[k] - clean[k] for k in noisy}
     check_noise(noise, SIGMA * C / B_EXPECTED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n", [5, 4095, 8192, 8192 + 7, 3 * 4096 + 15, 50001])
+def test_chunked_noise_equals_the_one_shot_draw(monkeypatch, n, dtype):
+    """The reference draws noise in chunks (so a step never holds a second parameter-sized
+    tensor) with exactly the values of the one-shot ``gaussian`` on the CPU: chunks of 4096
+    here, lengths below two chunks, exact multiples, and remainders shorter than 16 that the
+    last chunk absorbs."""
+    from dpkernels.reference import _common
+
+    monkeypatch.setattr(_common, "NOISE_CHUNK_ELEMS", 4096)
+    acc = torch.randn(n, 3, dtype=dtype)
+    want = acc + _common.gaussian(acc.shape, 0.7, 123, "cpu", dtype)
+    got = _common.add_gaussian_(acc.clone(), 0.7, 123)
+    assert torch.equal(got, want)

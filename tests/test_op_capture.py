@@ -427,3 +427,199 @@ def test_batch_sized_shared_table_is_not_taken_for_the_batch():
     dp.step()
     assert rel_err(dp.per_sample_norms, norms) <= 1e-10
     assert rel_err(model.m.w.grad, grads["m.w"]) <= 1e-10
+
+
+# ------------------------------------------------------------------ conv op rule
+class Conv2dSame(nn.Conv2d):
+    """timm's TF-style "same" conv: pads the input (more on the right/bottom when the span is
+    odd) inside its own forward, then ``F.conv2d(x, self.weight, self.bias, ...)``."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        pads = []
+        for size, k, s, d in zip((iw, ih), self.kernel_size[::-1], self.stride[::-1],
+                                 self.dilation[::-1]):
+            total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation,
+                        self.groups)
+
+
+class CastConv(nn.Module):
+    """The weight reaches ``F.conv{n}d`` through a cast and a same-shape view; the bias
+    directly; torch's ``padding="same"`` with an even kernel (one more on the right)."""
+
+    def __init__(self, n, c_in, c_out, k, groups=1):
+        super().__init__()
+        self.n = n
+        self.weight = nn.Parameter(torch.randn(c_out, c_in // groups, *([k] * n)) * 0.3)
+        self.bias = nn.Parameter(torch.randn(c_out) * 0.1)
+        self.groups = groups
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype).view(self.weight.shape)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.n - 1]
+        return conv(x, w, self.bias, padding="same", groups=self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (BiT / timm's StdConv2d): the conv gets a *non-linear* function
+    of the parameter, so the Conv ``Use`` of the op's weight is not the parameter's."""
+
+    def forward(self, x):
+        w = self.weight
+        mu = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mu) / torch.sqrt(var + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, conv, c=4):
+        super().__init__()
+        self.conv, self.act = conv, nn.Tanh()
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        return self.head(h.flatten(2).mean(-1))
+
+
+class _CountConvUses:
+    """Counts ``ConvUse``s the conv op rule makes (the fused path), by parameter shape."""
+
+    def __init__(self, monkeypatch):
+        from dpkernels.layers import conv as conv_layer
+        from dpkernels.layers import op_rules
+
+        self.made = []
+        outer = self
+
+        class Counted(conv_layer.ConvUse):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                outer.made.append(self.weight_shape)
+
+        monkeypatch.setattr(op_rules, "ConvUse", Counted)
+
+
+@pytest.mark.parametrize("case", ["same2d-stride2", "same2d-depthwise", "cast1d", "cast2d-g2",
+                                  "cast3d"])
+def test_conv_op_rule_on_the_fast_path(case, monkeypatch):
+    """A module calling ``F.conv{n}d`` with its own weight (directly, or through a cast and a
+    same-shape view) gets the Conv rule's fused norm and clipped sum: exact against the
+    float64 oracle, no generic fallback warning."""
+    torch.manual_seed(0)
+    count = _CountConvUses(monkeypatch)
+    if case == "same2d-stride2":
+        conv, x = Conv2dSame(3, 4, 3, stride=2), torch.randn(5, 3, 7, 6)
+    elif case == "same2d-depthwise":
+        conv, x = (nn.Sequential(Conv2dSame(4, 4, 4, groups=4), nn.Conv2d(4, 4, 1)),
+                   torch.randn(5, 4, 6, 5))
+    elif case == "cast1d":
+        conv, x = CastConv(1, 3, 4, 4), torch.randn(5, 3, 9)
+    elif case == "cast2d-g2":
+        conv, x = CastConv(2, 4, 4, 2, groups=2), torch.randn(5, 4, 5, 6)
+    else:
+        conv, x = CastConv(3, 2, 4, 2), torch.randn(5, 2, 4, 3, 5)
+    m = SmallCNN(conv).double()
+    x, y = x.double(), torch.randint(0, 3, (5,))
+    exact(m, ce("mean"), x, y)
+    assert len(count.made) == 1  # the conv op rule's fused Use, not a materialised gradient
+    assert count.made[0] == tuple(next(p for n, p in m.named_parameters()
+                                       if n.startswith("conv") and p.dim() > 2).shape)
+
+
+def test_conv_op_rule_weight_standardisation_is_not_the_conv_rule(monkeypatch):
+    """``F.conv2d(x, standardise(self.weight))``: the conv norm of the standardised weight is
+    not the parameter's norm; its per-sample gradient is mapped back through the
+    standardisation (exact, materialised), checked against the float64 oracle.  (Applying the
+    fused Conv Use to the parameter fails this test.)"""
+    torch.manual_seed(1)
+    count = _CountConvUses(monkeypatch)
+    m = SmallCNN(StdConv2d(3, 4, 3, padding=1)).double()
+    x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    exact(m, ce("mean"), x, y)
+    assert count.made == [(4, 3, 3, 3)]  # made for the op's weight, then mapped back (dense)
+    assert m.conv in opcapture.HANDLER.verified  # op capture, not the generic fallback
+
+
+def test_conv_op_rule_triton_float32():
+    """The same through the Triton kernels (interpreter on CPU), float32 on both sides: the
+    rule of test_triton_engine.py (rtol 1e-4)."""
+    torch.manual_seed(0)
+    m = SmallCNN(Conv2dSame(3, 4, 3, stride=2))
+    x, y = torch.randn(4, 3, 7, 6), torch.randint(0, 3, (4,))
+    exact(m, ce("mean"), x, y, backend="triton", rtol=1e-4)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d: the standardisation's affine weight is another parameter
+    (``gain``), combined with the weight without data: no op rule, the generic fallback."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.rand(self.out_channels) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=self.gain, training=True, momentum=0.0, eps=1e-5)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+def test_conv_weight_mixed_with_another_parameter_falls_back():
+    torch.manual_seed(2)
+    m = SmallCNN(ScaledStdConv2d(3, 4, 3, padding=1)).double()
+    x, y = torch.randn(5, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="combines two parameters without data"):
+        check_engine(m, ce("mean"), x, y)
+
+
+def test_conv_op_rule_low_memory_mode():
+    """The conv op rule's Uses in the two-backward mode (norms first, clipped sums second)."""
+    torch.manual_seed(3)
+    m = SmallCNN(nn.Sequential(Conv2dSame(3, 4, 3, stride=2), StdConv2d(4, 4, 3))).double()
+    x, y = torch.randn(5, 3, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    exact(m, ce("mean"), x, y, mode="low-memory")
+
+
+class InPlaceOnClone(nn.Module):
+    """A tensor computed from the parameter and then changed in place before its use (a masked
+    copy, ``F.relu(w, inplace=True)``): its value is no longer a function of the parameter that
+    capture can replay, so the rule's gradient for it is not the parameter's (the fused Use of
+    a ``same_grad`` clone, or the vjp through ``clone``, ignore the change)."""
+
+    def __init__(self, how, op="conv"):
+        super().__init__()
+        self.how, self.op = how, op
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3 if op == "conv"
+                                   else torch.randn(4, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(4) * 0.1)
+
+    def forward(self, x):
+        w = self.weight.clone()
+        v = w.view(w.shape)  # a view made before the change sees it too
+        if self.how == "setitem":
+            w[:, 0] = 2 * self.weight[:, 1]
+        else:
+            F.relu(w, inplace=True)
+        if self.op == "conv":
+            return F.conv2d(x, v, self.bias, padding=1)
+        return F.linear(x, v, self.bias)
+
+
+@pytest.mark.parametrize("how,op", [("setitem", "conv"), ("relu_inplace", "conv"),
+                                    ("setitem", "linear")])
+def test_tracked_tensor_changed_in_place_falls_back(how, op):
+    torch.manual_seed(4)
+    inner = InPlaceOnClone(how, op)
+    if op == "conv":
+        m = SmallCNN(inner).double()
+        x = torch.randn(5, 3, 5, 4, dtype=torch.float64)
+    else:
+        m = nn.Sequential(inner, nn.Tanh(), nn.Linear(4, 3)).double()
+        x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="'weight' was modified in place"):
+        check_engine(m, ce("mean"), x, y)

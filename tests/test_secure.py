@@ -120,6 +120,75 @@ def test_streams_are_distinct_and_prefix_stable():
     assert not torch.isin(normals(64, key=key, stream=big), a).any()
 
 
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _key_words(key):
+    return [int.from_bytes(key[i:i + 4], "little") for i in range(0, 32, 4)]
+
+
+# Chunk boundaries that cut the stream everywhere the kernels could get it wrong: odd offsets
+# (mid-block: two normals per ChaCha20 block), single elements, empty chunks, the CPU
+# kernel's batch of 32 blocks (64 elements) and parallel_for grain (2048 blocks, 4096
+# elements) and one past them, and an odd total.
+N_CHUNKED = 10007
+CUTS = [0, 1, 2, 3, 3, 6, 63, 64, 65, 127, 129, 1000, 4095, 4096, 4097, 4098, 8191, 9999,
+        N_CHUNKED - 1, N_CHUNKED]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["secure_normal_", "secure_normal_per_block_"])
+def test_chunked_draw_equals_the_whole_draw_bit_for_bit(dtype, op):
+    """Elements [a, b) drawn at offset a are elements a..b-1 of the whole draw, bit for bit,
+    for the CPU kernel and for the CUDA kernel's per-block code run on the CPU."""
+    key, std, stream = os.urandom(32), 0.73, 9
+    whole = secure.secure_normal_(torch.empty(N_CHUNKED, dtype=dtype), key, stream, std)
+    draw = getattr(torch.ops.dpkernels, op)
+    rng = np.random.default_rng(0)
+    random_cuts = [0, *sorted(rng.integers(0, N_CHUNKED, 25).tolist()), N_CHUNKED]
+    for cuts in (CUTS, random_cuts, [0, N_CHUNKED]):
+        out = torch.full((N_CHUNKED,), float("nan"), dtype=dtype)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            draw(out[a:b], _key_words(key), stream, std, a)
+        assert torch.equal(_bits(out), _bits(whole)), (op, cuts)
+
+
+def test_draw_at_the_end_of_the_stream():
+    """The last elements of a stream (block counter 2^32 - 1): the offset reaches them, the
+    two kernels agree, and a draw one element past the end is refused."""
+    key, end = os.urandom(32), 1 << 33
+    tail = secure.secure_normal_(torch.empty(5, dtype=torch.float64), key, 2, 1.0,
+                                 offset=end - 5)
+    per_block = torch.empty(5, dtype=torch.float64)
+    torch.ops.dpkernels.secure_normal_per_block_(per_block, _key_words(key), 2, 1.0, end - 5)
+    assert torch.equal(_bits(tail), _bits(per_block))
+    last = secure.secure_normal_(torch.empty(2, dtype=torch.float64), key, 2, 1.0,
+                                 offset=end - 2)
+    assert torch.equal(_bits(last), _bits(tail[3:]))
+    with pytest.raises(ValueError, match=r"offset \+ out.numel\(\) <= 2\^33"):
+        secure.secure_normal_(torch.empty(2), key, 2, 1.0, offset=end - 1)
+
+
+@pytest.mark.parametrize("shape,dtype,chunk", [
+    ((1001,), torch.float32, 1), ((1001,), torch.float32, 37), ((1001,), torch.float32, 64),
+    ((25, 41), torch.float64, 37), ((25, 41), torch.float64, 1 << 18),
+    ((3 * (1 << 18) + 11,), torch.float32, 1 << 18)],
+    ids=["odd-f32-1", "odd-f32-37", "odd-f32-64", "2d-f64-37", "2d-f64-whole",
+         "default-chunks-f32"])
+def test_step_noise_in_chunks_equals_one_whole_draw(monkeypatch, shape, dtype, chunk):
+    """StepNoise adds its noise NOISE_CHUNK_ELEMS elements at a time (each chunk at its
+    offset in the parameter's stream): acc + the whole draw, bit for bit."""
+    monkeypatch.setattr(secure, "NOISE_CHUNK_ELEMS", chunk)
+    acc = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    noise = secure.StepNoise(0.61)
+    whole = secure.secure_normal_(torch.empty(shape, dtype=dtype), noise._key, 4, 0.61)
+    want = acc + whole
+    got = noise(4, acc)
+    assert got is acc
+    assert torch.equal(_bits(got), _bits(want))
+
+
 def test_step_noise_fresh_key_each_step_and_one_draw_per_stream():
     a, b = secure.StepNoise(1.0), secure.StepNoise(1.0)
     za, zb = a(0, torch.zeros(50)), b(0, torch.zeros(50))
@@ -149,8 +218,19 @@ def test_step_noise_fresh_key_each_step_and_one_draw_per_stream():
      "std must be finite and >= 0"),
     (lambda: torch.ops.dpkernels.chacha20_keystream([0] * 8, [0] * 3, (1 << 32) - 1, 2),
      "32-bit block counter"),
+    (lambda: secure.secure_normal_(torch.empty(4), bytes(32), 0, 1.0, offset=-1),
+     r"offset must be >= 0"),
+    (lambda: torch.ops.dpkernels.secure_normal_(torch.empty(4), [0] * 8, 0, 1.0, -1),
+     r"offset \(the position in the stream of out's first element\) must be >= 0"),
+    (lambda: torch.ops.dpkernels.secure_normal_(torch.empty(4), [0] * 8, 0, 1.0,
+                                                (1 << 33) - 3),
+     r"offset=8589934589 and numel=4 do not fit in one stream"),
+    (lambda: torch.ops.dpkernels.secure_normal_per_block_(torch.empty(4), [0] * 8, 0, 1.0,
+                                                          (1 << 33) - 3),
+     r"do not fit in one stream"),
 ], ids=["key-len", "dtype", "strided", "stream", "std", "std-nan", "device", "op-key-len",
-        "op-key-word", "op-dtype", "op-std", "op-counter"])
+        "op-key-word", "op-dtype", "op-std", "op-counter", "offset", "op-offset",
+        "op-offset-end", "op-per-block-offset-end"])
 def test_bad_input_is_refused_with_a_clear_message(call, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         call()
@@ -253,6 +333,29 @@ def test_missing_build_raises_with_the_reason():
     assert "C++ extension  not built, secure_mode=True unavailable" in out
 
 
+def test_stale_build_raises_saying_to_rebuild():
+    """An extension built from an older csrc/ (secure_normal_ without the offset, as left by
+    an editable install that was not rebuilt) is reported as unavailable, with the fix, not
+    called with an argument it does not take."""
+    code = (
+        "import sys, types; sys.modules['dpkernels._C'] = types.ModuleType('dpkernels._C')\n"
+        "import torch\n"
+        "lib = torch.library.Library('dpkernels', 'DEF')\n"
+        "lib.define('secure_normal_(Tensor(a!) out, int[] key, int stream, float std) -> ()')\n"
+        "from dpkernels import secure\n"
+        "print(secure.available())\n"
+        "try:\n"
+        "    secure.StepNoise(1.0)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "(False, 'dpkernels._C is out of date" in out
+    assert "RAISED dpkernels: secure_mode=True needs the C++ extension" in out
+    assert "python setup.py build_ext --inplace" in out
+
+
 def test_cuda_build_does_not_claim_the_cuda_backend(monkeypatch):
     """An extension built with CUDA (secure noise only) must not make backend='auto' pick
     'cuda' on the GPU: no DP-SGD op has a CUDA kernel, so every op would run on the
@@ -289,9 +392,18 @@ def test_cuda_noise_equals_cpu_bit_for_bit(dtype):
         pytest.fail("the C++ extension was built without its CUDA kernels "
                     "(build on the GPU machine with DPKERNELS_BUILD_CUDA=1)")
     key = os.urandom(32)
-    for n, stream in ((1, 0), (4099, 7), (1 << 20, (1 << 40) + 1)):
+    for n, stream, offset in ((1, 0, 0), (4099, 7, 0), (1 << 20, (1 << 40) + 1, 0),
+                              (1, 3, 1), (4099, 7, 3), (1000, 2, 4097),
+                              (5, 2, (1 << 33) - 5)):
         cpu = torch.empty(n, dtype=dtype)
         gpu = torch.empty(n, dtype=dtype, device="cuda")
-        secure.secure_normal_(cpu, key, stream, 0.81)
-        secure.secure_normal_(gpu, key, stream, 0.81)
-        assert torch.equal(gpu.cpu().view(torch.int8), cpu.view(torch.int8)), (n, stream)
+        secure.secure_normal_(cpu, key, stream, 0.81, offset=offset)
+        secure.secure_normal_(gpu, key, stream, 0.81, offset=offset)
+        assert torch.equal(gpu.cpu().view(torch.int8), cpu.view(torch.int8)), (n, stream,
+                                                                               offset)
+    # chunks at odd offsets on the GPU equal the whole CPU draw
+    whole = secure.secure_normal_(torch.empty(N_CHUNKED, dtype=dtype), key, 5, 0.81)
+    out = torch.full((N_CHUNKED,), float("nan"), dtype=dtype, device="cuda")
+    for a, b in zip(CUTS[:-1], CUTS[1:]):
+        secure.secure_normal_(out[a:b], key, 5, 0.81, offset=a)
+    assert torch.equal(_bits(out.cpu()), _bits(whole))

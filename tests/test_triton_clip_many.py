@@ -55,7 +55,7 @@ def _case(B, U, E, V, X, special, dtype=torch.float32):
         parts[:, 3] = 0.0
         parts[0, 4] = 1e30
         if E:
-            err_parts[0][3] = float("nan")  # a NaN bound with a finite norm: NaN factor
+            err_parts[0][3] = float("nan")  # a NaN bound with a finite norm: factor 0
         if V:
             M[:, 4] = float("nan")
     return parts, err_parts, M if (V or X) else None, own, own_consts, cross
@@ -102,6 +102,84 @@ def test_clip_from_parts_refuses_bad_inputs():
     with pytest.raises(ValueError, match="own norms must be"):
         clip_many.clip_from_parts(parts, [], torch.rand(2, 4), None, [(1, 1e-4, 1e-5)], [],
                                   1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("B", [5, 1500])
+def test_clip_from_parts_constant_cross_factors(B):
+    """A cross bound's factor that is a float is a constant (the underflow terms: an
+    embedding's number of positions), never a row of M: 9.0 with 12 rows must not read row 9.
+    The bound is what ``stacked_bounds`` gives with the constants multiplied out by hand; k is
+    large here so that the terms decide the factors."""
+    from dpkernels.layers.base import stacked_bounds
+
+    g = torch.Generator().manual_seed(B)
+    M = torch.rand(12, B, generator=g).to(DEVICE)
+    parts = torch.rand(2, B, generator=g).to(DEVICE) * 0.1
+    cross = [(9.0, 9.0, 0.02), (3, 3, 0.5), (9.0, 4, 0.25), (2, 7, 0.1)]
+    by_hand = [(11, 11, 0.02 * 81.0), (3, 3, 0.5), (11, 4, 0.25 * 9.0), (2, 7, 0.1)]
+    Mh = M.clone()
+    Mh[11] = 1.0
+    want_err = stacked_bounds(Mh, [], by_hand)
+    for fn in (clip_many.clip_from_parts, ref.clip_from_parts):
+        got = fn(parts, [], M, None, [], cross, 2.0, 2.0**-16, 0.5)
+        want = ref.clip_from_parts(parts, [want_err], None, None, [], [], 2.0, 2.0**-16, 0.5)
+        rtol = 2 * (2 + 4 + 8) * U32
+        for out, w in zip(got[:4], want[:4]):
+            torch.testing.assert_close(out, w, rtol=rtol, atol=0)
+        assert (got[2] < 1).all()  # the constant terms clip every sample
+    with pytest.raises(ValueError, match="constant factor"):
+        ref.clip_from_parts(parts, [], M, None, [], [(float("nan"), 3, 1.0)], 1.0, 0.0, 1.0)
+
+
+# clip_from_parts on the adversarial inputs of tests/test_clip_adversarial.py: exactly at C,
+# subnormals, near float32 max, inf, NaN, in the norms and in the bounds (an error part, a NaN
+# magnitude): every factor keeps c * sqrt(norm_sq + err) * loss_scale <= C (inputs exact, in
+# float64), is 0 where the norm or the bound is not finite or the factor would be subnormal,
+# and the kernel agrees with the reference on which factors are 0 and on the flag.
+F32MAX = torch.finfo(torch.float32).max
+VALS = [0.0, -0.0, -1.0, 1e-45, 2.0**-126, 1e-7, 1.0, (1.0 / (1 + 2**-16) - 1e-6) ** 2,
+        0.99999, 1.00001, 4.0, 1e30, 1e38, F32MAX, float("inf"), float("nan"), -float("inf")]
+
+
+@pytest.mark.parametrize("C", [1.0, 7.0, 1e-30])
+@pytest.mark.parametrize("loss_scale", [1.0, 256.0, 1e30])
+def test_clip_from_parts_adversarial(C, loss_scale):
+    from dpkernels.layers.base import stacked_bounds
+
+    nsq = torch.tensor(VALS, dtype=torch.float32).to(DEVICE)
+    n = nsq.numel()
+    nan_first = torch.tensor([float("nan")] + [1.0] * (n - 1)).to(DEVICE)
+    cases = [([], None, []), ([torch.full_like(nsq, 1e-3)], None, []),
+             ([torch.full_like(nsq, F32MAX)], None, []), ([nan_first], None, []),
+             # a NaN magnitude (inf * 0) in a cross bound, with finite norms: factor 0
+             ([], torch.stack([nan_first, torch.ones_like(nsq)]), [(0, 1, 1e-3)]),
+             # a constant factor: an underflow term
+             ([], torch.stack([nsq.abs().nan_to_num(0.0, 0.0, 0.0)]), [(0, 0, 1e-3), (4.0, 4.0,
+                                                                        2.0**-125)])]
+    for errs, M, cross in cases:
+        args = (nsq[None], errs, M, None, [], cross, loss_scale, 2.0**-16, C)
+        got = clip_many.clip_from_parts(*args)
+        want = ref.clip_from_parts(*args)
+        assert bool(got[4]) == bool(want[4])
+        e64 = 0.0
+        for e in errs:
+            e64 = e64 + e.double()
+        if M is not None:
+            e64 = e64 + stacked_bounds(M.double(), [], cross)
+        exact = (nsq.double().clamp_min(0) + e64).sqrt() * loss_scale
+        for f in (got[2], want[2]):
+            assert not torch.isnan(f).any(), f
+            out = f.double() * exact
+            ok = ~(f > 0) | ~torch.isfinite(out) | (out <= C * (1 + 1e-12))
+            assert ok.all(), (nsq[~ok], f[~ok], out[~ok] / C)
+            assert (f[~torch.isfinite(exact)] == 0).all()
+            assert ((f == 0) | (f >= torch.finfo(torch.float32).tiny)).all()  # no subnormal
+        m = want[2] > 0
+        assert (got[2][m].double() <= want[2][m].double() * (1 + 2.0**-22)).all()
+        assert torch.equal(got[2] == 0, want[2] == 0)
+        if M is not None and cross[0][2] == 1e-3 and len(cross) == 1:
+            # the NaN bound of sample 0 with its finite norm: 0, counted as not finite
+            assert got[2][0] == 0 and not bool(got[4])
 
 
 def test_clip_from_parts_float64_is_the_reference():
@@ -169,7 +247,11 @@ def test_engine_clip_factors_are_the_composed_steps(backend, dtype, net):
     (args, got), = calls
     block, L = args[0], engine.loss_scale
     assert block.shape[0] > 1 and args[3] is not None  # sums, own bounds
-    assert bool(args[5]) == (net == "tied") and (args[3] is block) == (net == "plain")
+    # cross bounds: each Gram-form use's own underflow terms (row, row), and for "tied" the
+    # pairs of uses of one parameter (row, row')
+    assert all(len(c) == 3 for c in args[5]) and len(args[5]) >= 6
+    assert any(r != r2 for r, r2, _ in args[5]) == (net == "tied")
+    assert (args[3] is block) == (net == "plain")
     nsq = block.sum(0)
     norms, fac, _ = ref_bounds.clip_factors(nsq, err_want, L, NORM_MARGIN[dtype], 0.05)
     assert (fac < 1).any()  # some samples clipped

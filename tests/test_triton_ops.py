@@ -204,6 +204,48 @@ def test_linear_clipped_sum_16bit(dtype):
         check(out, r64, ref_lin.linear_clipped_sum(a32, g32, c))  # fp16: 2 x 11 bits
 
 
+# 16-bit operands with T >= ONE_PASS_MIN_T rows per sample: raw tiles into a float32
+# per-sample tile, c_b applied at each sample boundary.  Only float32 accumulation rounds, so
+# the float32 rule holds (stricter than the hi + lo bound of 2^-15 above); forced on short
+# samples and off on long ones, with splits, an accumulator, noise-free scale.
+ONE_PASS_CASES = [
+    pytest.param(3, 40, 21, 34, None, None, id="B3-T40-auto"),
+    pytest.param(5, 33, 40, 9, 2, None, id="B5-T33-split2"),
+    pytest.param(4, 70, 17, 45, 3, None, id="B4-T70-split3"),
+    pytest.param(3, 5, 21, 34, None, True, id="B3-T5-forced"),
+    pytest.param(2, 1, 7, 5, 2, True, id="B2-T1-forced-split2"),
+    pytest.param(0, 40, 7, 5, None, None, id="B0"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,d,p,split,one_pass", ONE_PASS_CASES)
+def test_linear_clipped_sum_16bit_one_pass(B, T, d, p, split, one_pass, dtype):
+    a, g = torch.randn(B, T, d).to(dtype), (torch.randn(B, T, p) + 0.1).to(dtype)
+    c = torch.rand(B) * 0.9 + 0.05
+    (a64, g64), (a32, g32) = pair(a, g)
+    acc = torch.randn(p, d)
+    r64 = ref_lin.linear_clipped_sum(a64, g64, c.double(), acc.double(), 0.0, 0, 0.25)
+    r32 = ref_lin.linear_clipped_sum(a32, g32, c, acc.clone(), 0.0, 0, 0.25)
+    out = linear.clipped_sum(a, g, c, acc, 0.0, 0, 0.25, split=split, one_pass=one_pass)
+    assert out is acc
+    check(out, r64, r32, "with acc")
+    out = linear.clipped_sum(a, g, c, split=split, one_pass=one_pass)
+    check(out, ref_lin.linear_clipped_sum(a64, g64, c.double()),
+          ref_lin.linear_clipped_sum(a32, g32, c), "fresh")
+
+
+def test_linear_clipped_sum_one_pass_rule():
+    """ONE_PASS is the default for 16-bit operands with T >= ONE_PASS_MIN_T, hi + lo below
+    (the kernels are deterministic: the default equals the forced route bit for bit)."""
+    c = torch.rand(3)
+    for T, want in [(linear.ONE_PASS_MIN_T, True), (linear.ONE_PASS_MIN_T - 1, False)]:
+        a, g = torch.randn(3, T, 20).to(torch.bfloat16), torch.randn(3, T, 12).to(torch.bfloat16)
+        auto = linear.clipped_sum(a, g, c)
+        assert torch.equal(auto, linear.clipped_sum(a, g, c, one_pass=want)), T
+        assert not torch.equal(auto, linear.clipped_sum(a, g, c, one_pass=not want)), T
+
+
 @pytest.mark.parametrize("B,T,p", [(3, 63, 17), (2, 1, 5), (0, 4, 3), (600, 2, 3)],
                          ids=["B3-T63", "T1", "B0", "B600-split"])
 def test_linear_bias_clipped_sum(B, T, p):

@@ -42,6 +42,52 @@ def unit_roundoff(t: torch.Tensor) -> float:
 # The engine adds these to the squared norms before clipping (DESIGN.md section 6).
 
 
+# Underflow.  The bounds above are relative: they assume that no product underflows.  A
+# product below the smallest normal number is off by up to eta absolutely (2^-126 for float32,
+# where GPUs may flush subnormals to zero; 2^-1022 for float64), and a Gram-form norm
+# multiplies such products by products of the other factor: with |a| ~ 1e-23 and |g| ~ 1e17
+# every a_t . a_s underflows to 0, and the norm of sum_t g_t a_t^T comes out 0 (ghost, and the
+# T = 1 form ||a||^2 ||g||^2), while the clipped sum multiplies g_t a_t^T directly and releases
+# the whole gradient unclipped.  For G_b = sum_t x_t y_t^T (x_t in R^m, y_t in R^n; a Linear:
+# x = g, y = a) each Gram entry x_t . x_s is off by at most 1.01 m eta from underflow, and
+# it multiplies |y_t . y_s| <= |y_t| |y_s|; symmetrically for y: |error| <= 2 eta (m Y^2 + n X^2)
+# with X = sum_t |x_t|, Y = sum_t |y_t| (the factor 2 covers the relative errors on top), and
+# 4 eta (max m Y Y' + max n X X') for a cross term 2 <G, G'>.  Errors from underflow that are
+# not amplified that way (a product of the two Grams, a bias or embedding norm whose Gram has
+# the gradient's own entries, the direct form's entries) are absolute and below 1e-30 for any
+# sane shape: inside the 1e-6 that the clip factor C / (bound + 1e-6) adds to the bound.
+UNDERFLOW = {torch.float64: 2.0**-1022, torch.float32: 2.0**-126}
+
+
+def underflow_eta(*dtypes: torch.dtype) -> float:
+    """eta for a norm accumulated in the promotion of ``dtypes`` and float32."""
+    dt = torch.float32
+    for d in dtypes:
+        dt = torch.promote_types(dt, d)
+    return UNDERFLOW.get(dt, 2.0**-126)
+
+
+def underflow_own(use: Use) -> torch.Tensor | None:
+    """[B] bound on the underflow error of ``use``'s Gram-form squared norm, or None."""
+    s = use.underflow_sums()
+    if s is None:
+        return None
+    X, Y, m, n, eta = s
+    return ((2.0 * eta * m) * Y * Y + (2.0 * eta * n) * X * X).sum(1)
+
+
+def underflow_cross(u: Use, v: Use) -> torch.Tensor | None:
+    """[B] bound on the underflow error of the cross term ``2 <G_b, G'_b>`` of two uses of one
+    parameter (sums over groups: an upper bound of the per-group products), or None."""
+    su, sv = u.underflow_sums(), v.underflow_sums()
+    if su is None or sv is None:
+        return None
+    X, Y, m, n, eta = su
+    X2, Y2, m2, n2, eta2 = sv
+    k = 4.0 * max(eta, eta2)
+    return ((k * max(m, m2)) * Y.sum(1) * Y2.sum(1) + (k * max(n, n2)) * X.sum(1) * X2.sum(1))
+
+
 def cancellation_bounds(terms: list) -> torch.Tensor:
     """[B] summed error bounds of the squared norms for ``terms``: (S [B, G], kappa, T,
     norm_sq [B]) per use, G groups each bounded on its own (a conv's per-group Linears).  One
@@ -50,13 +96,15 @@ def cancellation_bounds(terms: list) -> torch.Tensor:
     S = torch.cat([t[0] for t in terms], 1)  # [B, sum G]
     n = torch.cat([t[3].clamp_min(0).sqrt().unsqueeze(1).expand(-1, t[0].shape[1])
                    for t in terms], 1)
-    u = unit_roundoff(S)
-    kappa = torch.tensor([float(t[1]) for t in terms for _ in range(t[0].shape[1])],
-                         dtype=S.dtype, device=S.device)
-    chain = torch.tensor([float(t[2] + 16) for t in terms for _ in range(t[0].shape[1])],
-                         dtype=S.dtype, device=S.device)
-    ghost = (kappa * u) * S * S
-    e = (chain * u) * S
+    # each use's own unit roundoff: cat promotes a float32 use's S to float64 next to a
+    # float64 use, and float64's u would then bound a float32 norm 2^29 too tightly
+    groups = [t for t in terms for _ in range(t[0].shape[1])]
+    kappa = torch.tensor([t[1] * unit_roundoff(t[0]) for t in groups], dtype=S.dtype,
+                         device=S.device)
+    chain = torch.tensor([(t[2] + 16) * unit_roundoff(t[0]) for t in groups], dtype=S.dtype,
+                         device=S.device)
+    ghost = kappa * S * S
+    e = chain * S
     direct = (2.0 * n + e) * e  # (n + e)^2 - n^2, each group's norm <= the use's norm
     return torch.maximum(ghost, direct).sum(1)
 
@@ -64,8 +112,9 @@ def cancellation_bounds(terms: list) -> torch.Tensor:
 def stacked_bounds(M: torch.Tensor, own: list, cross_terms: list) -> torch.Tensor:
     """[B] summed error bounds, the same as ``cancellation_bounds`` and ``cross_error``, for
     uses whose magnitudes are rows of ``M`` [R, B] (all uses of a micro-batch, one grouped op):
-    ``own`` (row, kappa u, (T + 16) u, norm_sq [B]) per use, ``cross_terms`` (row, row',
-    2 max(kappa, kappa') u) per pair of uses of one parameter.  A few launches in all."""
+    ``own`` (row, kappa u, (T + 16) u, norm_sq [B]) per use, ``cross_terms`` (row, row', k):
+    ``k M[row] M[row']`` (2 max(kappa, kappa') u for a pair of uses of one parameter, and the
+    underflow terms; a float instead of a row is a constant).  A few launches in all."""
     parts = []
     if own:
         rows = [r for r, _, _, _ in own]
@@ -85,8 +134,22 @@ def stacked_bounds(M: torch.Tensor, own: list, cross_terms: list) -> torch.Tenso
         e = consts[:, 1:] * S
         direct = (2.0 * n + e) * e  # (n + e)^2 - n^2
         parts.append(torch.maximum(ghost, direct).sum(0))
-    for r, r2, k in cross_terms:
-        parts.append(k * M[r] * M[r2])
+    if cross_terms:
+        # one gather for all products; a constant is the row of ones appended to M, with the
+        # constant moved into k
+        R = M.shape[0]
+        idx, ks = [], []
+        for r, r2, k in cross_terms:
+            for x in (r, r2):
+                if not isinstance(x, int):
+                    k = k * float(x)
+            idx.append([r if isinstance(r, int) else R, r2 if isinstance(r2, int) else R])
+            ks.append(k)
+        Mx = torch.cat([M, torch.ones(1, M.shape[1], dtype=M.dtype, device=M.device)])
+        ix = torch.tensor(idx, dtype=torch.long).to(M.device, non_blocking=True)  # [E, 2]
+        kt = torch.tensor(ks, dtype=M.dtype).to(M.device, non_blocking=True)
+        # k first: k M M' never overflows where the bound itself does not
+        parts.append(((kt.unsqueeze(1) * Mx[ix[:, 0]]) * Mx[ix[:, 1]]).sum(0))
     out = parts[0]
     for t in parts[1:]:
         out = out + t.to(out.dtype)
@@ -145,6 +208,32 @@ class Use:
         """``(kappa, T)`` of ``error_terms`` (one group) without computing ``S``; None when
         there is no cancellation to bound.  Only for uses with ``magnitude_operands``."""
         return None
+
+    def underflow_operands(self) -> tuple | None:
+        """``(x, y, m, n)`` for the underflow bound (``underflow_own``) of a norm of
+        ``G_b = sum_t x_t y_t^T`` computed in Gram form: ``x``, ``y`` [B, T, m or n] (their row
+        norms are summed over t), or an int for a sum known in advance (an embedding's one-hot
+        rows: the number of positions); None when no Gram of one factor multiplies the other.
+        The engine takes the sums with the deferred magnitudes (``magnitude_many``)."""
+        return None
+
+    def underflow_sums(self) -> tuple | None:
+        """``(X [B, G], Y [B, G], m, n, eta)`` for ``underflow_own``: the summed row norms of
+        ``underflow_operands`` per group (G = 1 unless a subclass has groups)."""
+        ops = self.underflow_operands()
+        if ops is None:
+            return None
+        x, y, m, n = ops
+        ts = [t for t in (x, y) if isinstance(t, torch.Tensor)]
+        B = ts[0].shape[0]
+
+        def total(t):
+            if isinstance(t, torch.Tensor):
+                return ref_bounds.magnitude(None, t).unsqueeze(1)
+            dt = torch.promote_types(ts[0].dtype, torch.float32)
+            return torch.full((B, 1), float(t), dtype=dt, device=ts[0].device)
+
+        return total(x), total(y), m, n, underflow_eta(*(t.dtype for t in ts))
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         """[B, *param.shape] ``G_b`` materialised (used only where no ghost form exists)."""
@@ -227,6 +316,9 @@ class LinearUse(Use):
 
     def magnitude_operands(self):
         return self.a, self.g
+
+    def underflow_operands(self):
+        return self.g, self.a, self.g.shape[-1], self.a.shape[-1]
 
     def kappa(self) -> int:
         return self.a.shape[-1] + self.g.shape[-1] + 2 * self.a.shape[1] + 16

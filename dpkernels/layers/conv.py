@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import BiasUse, Op, Use
+from dpkernels.layers.base import BiasUse, Op, Use, underflow_eta
 from dpkernels.layers.linear import cast_for_autocast, check_input_dtype
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -79,6 +79,20 @@ class ConvUse(Use):
 
     def magnitude(self) -> torch.Tensor:
         return self.group_magnitudes().sum(1)
+
+    def underflow_sums(self):
+        """Per group j: X = sum_t |g_tj|, Y = sum_t |patch_tj| (``underflow_own``)."""
+        stride, padding, dilation, G = self.conf
+        dt = torch.promote_types(self.x.dtype, torch.float32)
+        x2 = self.x.to(dt).square()
+        ones = torch.ones(G, *self.weight_shape[1:], dtype=dt, device=x2.device)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x2.dim() - 3]
+        patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
+        B = self.x.shape[0]
+        T = math.prod(self.g.shape[2:])
+        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)  # [B, G, T]
+        return (gn.sum(-1), patch.reshape(B, G, T).sum(-1), self.weight_shape[0] // G,
+                math.prod(self.weight_shape[1:]), underflow_eta(self.x.dtype, self.g.dtype))
 
     def kappa(self) -> int:
         T = math.prod(self.g.shape[2:])

@@ -37,7 +37,19 @@ class EmbeddingUse(Use):
         return ref_bounds.magnitude(None, self.masked_g())
 
     def magnitude_operands(self):
-        return None, self.masked_g()
+        return None, self._bound_g()
+
+    def underflow_operands(self):
+        # E_b = sum_t e_{x_t} g_t^T: one-hot rows (T of them, padding or not) for x; what a
+        # cross term with a tied head (a Linear: x = its g, y = its a) needs
+        return self.g.shape[1], self._bound_g(), self.num_embeddings, self.g.shape[-1]
+
+    def _bound_g(self) -> torch.Tensor:
+        """``masked_g()``, one tensor for both bound operands (one row of the deferred
+        magnitudes); taken before any ``drop_samples``, at clip time."""
+        if getattr(self, "_masked", None) is None or self._masked[0] is not self.g:
+            self._masked = (self.g, self.masked_g())
+        return self._masked[1]
 
     def kappa(self) -> int:
         return self.g.shape[-1] + 2 * self.g.shape[1] + 16

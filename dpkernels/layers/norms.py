@@ -165,11 +165,6 @@ class LayerNormHandler(_NormHandler):
         shape, eps = module.normalized_shape, module.eps
         return lambda x, w, b: F.layer_norm(x, shape, w, b, eps)
 
-    def parts(self, engine, module, x, g, need_weight: bool, need_bias: bool):
-        """(weight, bias) per-sample terms as partial sums [B, S, N] (None where not needed),
-        or None where the layer has no such op (then ``psg``)."""
-        return None
-
     def stats(self, module):
         return list(module.normalized_shape), module.eps
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_unflatten
 
 from dpkernels.layers.base import BiasUse, LinearUse
+from dpkernels.layers.conv import ConvUse
 from dpkernels.layers.embedding import EmbeddingUse
 from dpkernels.layers.opcapture import Decline, OpCall, Tracked
 
@@ -197,9 +198,9 @@ def _linear_uses(call, B, a3, g3, w, b, transposed):
         else:
             fast = lambda: LinearUse(a3, g3, method)  # noqa: E731
             dense = lambda: torch.einsum("btp,btd->bpd", _f32(g3), _f32(a3))  # noqa: E731
-        uses.append((w.param, fast() if w.fn is None else w.use(dense())))
+        uses.append((w.param, fast() if w.same_grad else w.use(dense())))
     if b is not None:
-        if b.fn is None and b.param.dim() == 1:
+        if b.same_grad and b.param.dim() == 1:
             uses.append((b.param, BiasUse(g3)))
         else:
             psg = _f32(g3).sum(1).reshape(B, *b.param.shape) if b.fn is None else \
@@ -354,3 +355,79 @@ def embedding(call: OpCall):
         call.engine.record(call.name, B, [(wt.param, use)])
 
     return call.tap(out, record, ids)
+
+
+def _tuple(v, n: int, what: str, call: OpCall) -> tuple:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n or not all(isinstance(i, int) for i in v):
+        raise Decline(call.func, f"its {what} {v!r} is not {n} integers")
+    return v
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d)
+def conv(call: OpCall):
+    """``F.conv{1,2,3}d(x, w, b, ...)`` in a module's own forward (timm's ``Conv2dSame`` pads
+    then calls ``F.conv2d(x, self.weight, self.bias, ...)``).  The weight as it reaches the op
+    (the parameter, a cast or same-shape view of it) gets the Conv ``Use`` of the module rule
+    (ghost or direct norm, im2col inside the kernel); a weight computed from the parameter by
+    anything else (weight standardisation) gets the per-sample gradient with respect to what
+    reached the op, mapped back through that function (``Tracked.use``): exact, materialised
+    [B, *weight.shape], never the conv norm of the transformed weight passed off as the
+    parameter's."""
+    v = _bind(call, "input weight bias stride padding dilation groups", bias=None, stride=1,
+              padding=0, dilation=1, groups=1)
+    x, W, bias = v["input"], v["weight"], v["bias"]
+    n = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[call.func]
+    if _tracked_at(call, x) is not None or not isinstance(x, torch.Tensor) or x.dim() != n + 2:
+        raise Decline(call.func, f"its input is a parameter or not batched [B, C, {n} dims]")
+    wt = _tracked_at(call, W)
+    bt = _tracked_at(call, bias) if bias is not None else None
+    if wt is None and bt is None:
+        raise Decline(call.func, "the parameter is neither its weight nor its bias")
+    if bt is not None and bias.dim() != 1:
+        raise Decline(call.func, "its bias is not 1-D")
+    groups = v["groups"]
+    if not isinstance(groups, int):
+        raise Decline(call.func, "non-integer groups")
+    stride = _tuple(v["stride"], n, "stride", call)
+    dilation = _tuple(v["dilation"], n, "dilation", call)
+    k = tuple(W.shape[2:])
+    padding = v["padding"]
+    if padding == "valid":
+        pairs = [(0, 0)] * n
+    elif padding == "same":
+        pairs = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2)
+                 for kk, d in zip(k, dilation, strict=True)]
+    elif isinstance(padding, str):
+        raise Decline(call.func, f"padding={padding!r}")
+    else:
+        pairs = [(q, q) for q in _tuple(padding, n, "padding", call)]
+    # the Use takes symmetric padding; torch's "same" with an even span pads one more on the
+    # right, which the Use gets as an explicit pad of the saved input
+    extra = [hi - lo for lo, hi in pairs]
+    conf = (stride, tuple(lo for lo, _ in pairs), dilation, groups)
+    B = call.batch(x.shape[0])
+    out = call.run()
+
+    def record(g, xs):
+        if any(extra):
+            xs = F.pad(xs, [q for e in reversed(extra) for q in (0, e)])
+        if xs.dtype != g.dtype and xs.is_floating_point():
+            xs = xs.to(g.dtype)  # under autocast the op ran in g's dtype on a cast of x
+        uses = []
+        if wt is not None:
+            use = ConvUse(xs, g, W.shape, conf, call.engine.norm_method)
+            if not wt.same_grad:
+                use = wt.use(use.raw_dense(call.engine.op))
+            uses.append((wt.param, use))
+        if bt is not None:
+            T = math.prod(g.shape[2:])  # not -1: an empty batch leaves it ambiguous
+            g3 = g.reshape(B, g.shape[1], T).transpose(1, 2)
+            uses.append((bt.param, BiasUse(g3) if bt.same_grad else bt.use(_f32(g3).sum(1))))
+        call.engine.record(call.name, B, uses)
+
+    return call.tap(out, record, x)

@@ -55,11 +55,19 @@ class Tracked:
     """A tensor computed from ``param`` alone: ``fn(param)`` (``fn`` None: the parameter).
 
     ``batch_const``: dim 0 is an expand from size 1 to the batch (``cls_token.expand(B, ...)``),
-    so every row of it is the same function of the parameter."""
+    so every row of it is the same function of the parameter.
+
+    ``same_grad``: the tensor is the parameter up to casts and same-shape views (``w.float()``,
+    ``w.to(dtype)``, ``w.contiguous()``), so a gradient with respect to it *is* one with
+    respect to the parameter (cast back): rules may then use their fused ``Use`` for the
+    parameter directly.  Anything else (``1 + w``, a transpose, weight standardisation) maps
+    the per-sample gradient back through ``fn`` with ``torch.func.vjp``: exact, because ``fn``
+    does not depend on the sample, but materialised."""
 
     def __init__(self, param: nn.Parameter, fn: Callable | None = None,
-                 batch_const: bool = False) -> None:
+                 batch_const: bool = False, same_grad: bool | None = None) -> None:
         self.param, self.fn, self.batch_const = param, fn, batch_const
+        self.same_grad = fn is None if same_grad is None else same_grad
 
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
@@ -85,6 +93,12 @@ class Tracked:
 
 
 _EXPANDS = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
+# calls whose backward is the identity on the parameter's elements (up to a cast) when the
+# result keeps the parameter's shape
+_SAME_GRAD = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+              torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous,
+              torch.Tensor.clone, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
+              torch.Tensor.view_as, torch.Tensor.reshape_as}
 # calls that keep every row along dim 0 equal when they were
 _ROWWISE = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
             torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous, torch.Tensor.clone}
@@ -97,17 +111,26 @@ class CaptureMode(TorchFunctionMode):
     def __init__(self, engine, name: str, params: dict[nn.Parameter, str], kind: str) -> None:
         super().__init__()
         self.engine, self.name, self.param_names, self.kind = engine, name, params, kind
-        # id -> (tensor, Tracked); the tensor is kept so that an id is never reused meanwhile
-        self.tracked: dict[int, tuple[torch.Tensor, Tracked]] = {
-            id(p): (p, Tracked(p)) for p in params}
+        # id -> (tensor, Tracked, its version counter when tracked); the tensor is kept so that
+        # an id is never reused meanwhile
+        self.tracked: dict[int, tuple[torch.Tensor, Tracked, int]] = {
+            id(p): (p, Tracked(p), p._version) for p in params}
         self.used: set[nn.Parameter] = set()
 
-    def lookup(self, t) -> Tracked | None:
+    def lookup(self, t, func=None) -> Tracked | None:
         e = self.tracked.get(id(t))
-        return e[1] if e is not None and e[0] is t else None
+        if e is None or e[0] is not t:
+            return None
+        if t._version != e[2]:
+            # changed in place since it was tracked (w = p.clone(); w[0] = 0, F.relu(w,
+            # inplace=True), out=w): its value is no longer fn(param), so neither the gradient
+            # mapped back through fn nor the fused Use of a same_grad tensor is the parameter's
+            raise Decline(func, "a tensor computed from the parameter "
+                          f"{self.param_names[e[1].param]!r} was modified in place")
+        return e[1]
 
     def track(self, t: torch.Tensor, tr: Tracked) -> None:
-        self.tracked[id(t)] = (t, tr)
+        self.tracked[id(t)] = (t, tr, t._version)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,7 +139,7 @@ class CaptureMode(TorchFunctionMode):
         data = False
         for i, a in enumerate(flat):
             if isinstance(a, torch.Tensor):
-                tr = self.lookup(a)
+                tr = self.lookup(a, func)
                 if tr is None:
                     data = True
                 else:
@@ -136,6 +159,9 @@ class CaptureMode(TorchFunctionMode):
             raise Decline(func, "no op rule for it")
         if kwargs.get("out") is not None:
             raise Decline(func, "out= writes into a tensor the capture does not see")
+        return self._use(rule, func, flat, spec, hits)
+
+    def _use(self, rule, func, flat, spec, hits):
         for _, tr in hits:
             if tr.param in self.used:
                 # a second use inside one forward: the engine must keep both for the cross
@@ -178,7 +204,12 @@ class CaptureMode(TorchFunctionMode):
                 const = out.dim() >= 1 and (src.dim() < out.dim() or src.shape[0] == 1)
             else:
                 const = func in _ROWWISE and hits[0][1].batch_const
-            self.track(out, Tracked(param, fn, const and out.shape[0] != 1))
+            # (not w.view(dtype): that reinterprets the bits)
+            same = (func in _SAME_GRAD and all(tr.same_grad for _, tr in hits)
+                    and out.shape == param.shape and out.is_floating_point()
+                    and not (func is torch.Tensor.view
+                             and any(isinstance(v, torch.dtype) for v in flat)))
+            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same))
         elif isinstance(out, (tuple, list)):  # split, chunk, unbind
             for j, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
@@ -315,7 +346,10 @@ class OpCaptureHandler:
         input signature, the batch size left out so Poisson batches do not re-verify; in eval
         mode, against an eval-mode run of the whole batch).  A
         module that reads a batch-sized tensor as shared data (a [T, d] table with T == B)
-        fails this and goes to the generic fallback, which finds its real batching."""
+        fails this and goes to the generic fallback, which finds its real batching.  Then, in
+        the module's own mode, ``_check_rows_independent``: no row of the output or of an op's
+        data operand may depend on another sample (mixing in training, internal permutations).
+        Neither check leaves a trace: buffers and the RNG state are put back."""
         flat, spec = tree_flatten((args, kwargs))
         B = engine.forward_batch
         tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -336,6 +370,27 @@ class OpCaptureHandler:
         params = {n: p.detach() for p, n in own.items()}
         flat_d = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
         run = generic._Runner(engine, module, orig, params, flat_d, spec, live)
+        # the checks' forwards must leave no trace: buffers a forward updates are put back
+        # (in place, or rebound to a new tensor), and attributes it sets (self.last_attn = a)
+        buffers = [(m, n, b, None if b is None else b.detach().clone())
+                   for m in module.modules() for n, b in m._buffers.items()]
+        attrs = [(m, dict(m.__dict__)) for m in module.modules()]
+        try:
+            self._check(engine, module, name, orig, own, run, flat_d, spec, batched, live, B)
+        finally:
+            for m, d in attrs:
+                m.__dict__.clear()
+                m.__dict__.update(d)
+            with torch.no_grad():
+                for m, n, b, v in buffers:
+                    m._buffers[n] = b
+                    if b is not None:
+                        b.copy_(v)
+        done.add(key)
+
+    @staticmethod
+    def _check(engine, module, name, orig, own, run, flat_d, spec, batched, live, B) -> None:
+        params = run.params
         try:
             # plain forwards (no vjp: it would trip activation checkpointing's saved-tensor
             # hooks; under no_grad nothing is saved), in eval mode so that dropout and
@@ -357,7 +412,103 @@ class OpCaptureHandler:
         if not ok:
             raise Decline("batching", "re-running it per sample, with every input of "
                           f"{B} rows taken as batched, does not reproduce its output ({why})")
-        done.add(key)
+        _check_rows_independent(engine, module, name, orig, own, flat_d, spec, batched, live,
+                                B)
+
+
+class _OperandProbe(CaptureMode):
+    """``CaptureMode`` that runs no rule: each use's op runs as it is and its data operands
+    are kept, for ``_check_rows_independent``."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.operands: list[tuple[str, torch.Tensor]] = []
+
+    def _use(self, rule, func, flat, spec, hits):
+        mine = {i for i, _ in hits}
+        self.operands += [(op_name(func), t) for i, t in enumerate(flat)
+                          if i not in mine and isinstance(t, torch.Tensor)]
+        vals = [t.detach() if i in mine else t for i, t in enumerate(flat)]
+        a, k = tree_unflatten(vals, spec)
+        return func(*a, **k)
+
+
+def _check_rows_independent(engine, module, name, orig, own, flat, spec, batched, live, B):
+    """The per-sample re-run in ``_verify`` shows that the module's *output* rows are its
+    samples, in eval mode.  Two things it cannot see: a module that mixes its batch only in
+    training (batch statistics, a roll or a shuffle of the rows), and a module that permutes
+    its rows internally and puts them back before it returns (sorting by length, routing), so
+    that row r of an op on its parameter belongs to another sample than r while the output
+    looks right.  The op rules give row r of each use's data operand, and of the output, to
+    sample r; so this runs the module as it trains (dropout draws replayed from one RNG
+    state, buffers restored after), perturbs the rows of the batched inputs whose bit k is
+    set (k = 0..ceil(log2 B) - 1: any two rows differ in one bit), and requires every other
+    row of the output and of each use's operand (a block of rows per sample when it has
+    B*m rows) to stay as it was, and an operand not batch-sized not to change at all.
+    Once per input signature, like the per-sample check: a module whose mixing starts later
+    (a step counter) or depends on data beyond the perturbation is not seen."""
+    devices = {t.device for t in flat if isinstance(t, torch.Tensor) and t.device.type != "cpu"}
+    cpu_rng = torch.get_rng_state()
+    dev_rng = {d: torch.get_device_module(d.type).get_rng_state(d) for d in devices}
+    gen = torch.Generator().manual_seed(0)
+
+    def run(vals):
+        torch.set_rng_state(cpu_rng)
+        for d, st in dev_rng.items():
+            torch.get_device_module(d.type).set_rng_state(st, d)
+        probe = _OperandProbe(engine, name, own, type(module).__name__)
+        a, k = tree_unflatten(vals, spec)
+        with torch.no_grad(), engine.bypassed(), probe:
+            out = orig(*a, **k)
+        leaves, _ = tree_flatten(out)
+        return [("output", leaves[i]) for i in live] + probe.operands
+
+    def perturbed(rows):
+        vals = []
+        for t, b in zip(flat, batched):
+            if b and t.is_floating_point():
+                scale = t.detach().float().square().mean().sqrt().item() if t.numel() else 0
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+                t = torch.where(rows.view(-1, *[1] * (t.dim() - 1)).to(t.device),
+                                t + (4 * (scale or 1.0) * noise).to(t.device, t.dtype), t)
+            elif b:  # ids, masks: another sample's row
+                nxt = t.roll(-1, 0)
+                t = torch.where(rows.view(-1, *[1] * (t.dim() - 1)).to(t.device), nxt, t)
+            vals.append(t)
+        return vals
+
+    try:
+        base = run(list(flat))
+        for bit in range(max(1, (B - 1).bit_length())):
+            _probe_bit(run, perturbed, base, bit, B, module)
+    except Decline:
+        raise
+    except Exception as e:  # perturbed inputs the module rejects: let the fallback decide
+        raise Decline("batching", f"the row check could not run it ({type(e).__name__}: {e})"
+                      ) from e
+    finally:
+        torch.set_rng_state(cpu_rng)
+        for d, st in dev_rng.items():
+            torch.get_device_module(d.type).set_rng_state(st, d)
+
+
+def _probe_bit(run, perturbed, base, bit: int, B: int, module: nn.Module) -> None:
+    """One run of ``_check_rows_independent`` with the rows whose ``bit`` is set perturbed."""
+    rows = (torch.arange(B) >> bit) & 1 == 1
+    got = run(perturbed(rows))
+    if len(got) != len(base) or any(g.shape != r.shape for (_, g), (_, r) in zip(got, base)):
+        raise Decline("batching", "changing some samples changes which ops it runs")
+    for (what, g), (_, r) in zip(got, base):
+        if r.dim() >= 1 and r.shape[0] and r.shape[0] % B == 0:  # B rows, or B blocks of rows
+            keep = ~rows.to(r.device)
+            same = generic._close(g.reshape(B, -1)[keep], r.reshape(B, -1)[keep])
+        else:  # not batched: must not depend on any sample
+            same = generic._close(g, r)
+        if not same:
+            where = "its output" if what == "output" else f"the data operand of {what}"
+            mode = "training" if module.training else "eval"
+            raise Decline("batching", f"changing some samples changes the rows of other samples "
+                          f"in {where} (in {mode} mode): it mixes or permutes its batch")
 
 
 HANDLER = OpCaptureHandler()

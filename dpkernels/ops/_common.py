@@ -25,8 +25,38 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kw):
-    """``triton.autotune`` over ``configs``, or over ``configs[:1]`` when tuning is off."""
-    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key, **kw)
+    """``triton.autotune`` over ``configs`` (after the kernel's early pruning, which drops the
+    configs that spill registers or overflow shared memory on sm_90: bench/compile_sm90.py).
+    The interpreter keeps ``configs[:1]``; DPKERNELS_AUTOTUNE=0 on a GPU keeps the first
+    config that survives the pruning."""
+    if INTERPRET:
+        return triton.autotune(configs=configs[:1], key=key, **kw)
+    if not AUTOTUNE:
+        by = dict(kw.get("prune_configs_by") or {})
+        prune = by.get("early_config_prune")
+
+        def first(configs, named_args, **kwargs):
+            if prune is not None:
+                configs = prune(configs, named_args, **kwargs)
+            return configs[:1]
+
+        by["early_config_prune"] = first
+        kw["prune_configs_by"] = by
+    return triton.autotune(configs=configs, key=key, **kw)
+
+
+def keep_configs(keep, then=None):
+    """An ``early_config_prune``: the configs (after the prune ``then``, if any) for which
+    ``keep(config, args)`` holds, ``args`` being the launch's arguments by name; the first
+    of them when none does.  The rules come from bench/compile_sm90.py's spill report."""
+
+    def prune(configs, named_args, **kwargs):
+        if then is not None:
+            configs = then(configs, named_args, **kwargs)
+        args = {**named_args, **kwargs}
+        return [c for c in configs if keep(c, args)] or configs[:1]
+
+    return prune
 
 
 # Shared memory one program may use for its pipelined tl.dot operand tiles.  An H100 block

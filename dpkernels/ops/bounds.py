@@ -89,8 +89,8 @@ def _clip_factors_kernel(nsq_ptr, err_ptr, norms_ptr, fac_ptr, ok_ptr, B, loss_s
                          one_plus_margin, max_grad_norm, HAS_ERR: tl.constexpr,
                          BLOCK: tl.constexpr):
     """One program: the reference ``clip_factors`` (norm_bound, then C / (bound + 1e-6) capped
-    at 1, 0 for a non-finite norm) in float32 with correctly rounded sqrt and division, NaN
-    kept where torch keeps it; ``ok``: whether every norm is finite."""
+    at 1, 0 for a non-finite norm or bound) in float32 with correctly rounded sqrt and
+    division; ``ok``: whether every norm and bound is finite."""
     cnt = tl.zeros([BLOCK], dtype=tl.int32)
     for b0 in range(0, B, BLOCK):
         b = b0 + tl.arange(0, BLOCK)
@@ -103,7 +103,11 @@ def _clip_factors_kernel(nsq_ptr, err_ptr, norms_ptr, fac_ptr, ok_ptr, B, loss_s
         bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
         fac = tl.div_rn(tl.full([BLOCK], max_grad_norm, tl.float32), bound + 1e-6)
         fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
-        finite = (norms == norms) & (tl.abs(norms) != float("inf"))
+        # subnormal factors are rounded beyond the margin (reference): 0
+        fac = tl.where(fac < 1.1754943508222875e-38, 0.0, fac)
+        # the bound too (reference: a NaN bound with a finite norm must not give a NaN factor)
+        finite = ((norms == norms) & (tl.abs(norms) != float("inf"))
+                  & (bound == bound) & (tl.abs(bound) != float("inf")))
         fac = tl.where(finite, fac, 0.0)
         cnt += tl.where(m & (finite == 0), 1, 0)
         tl.store(norms_ptr + b, norms, mask=m)

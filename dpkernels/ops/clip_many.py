@@ -21,9 +21,11 @@ def _clip_from_parts_kernel(parts_ptr, U, err_ptr, E, m_ptr, own_ptr, V, tab_ptr
                             BLOCK: tl.constexpr):
     """One program.  Per sample b: ``n = sum_u parts[u, b]``; the bound ``e = sum_i err[i, b]
     + sum_v max(ku_v S^2, (2 sqrt(own_v) + cu_v S) cu_v S) + sum_x k_x S_r S_r'`` with
-    ``S = M[row, b]`` (table rows: (row, ku, cu) for v < V, then (row, row', k)); then the
-    reference ``clip_factors`` in float32 with correctly rounded sqrt and division, NaN kept
-    where torch keeps it; ``ok``: whether every norm is finite."""
+    ``S = M[row, b]`` (table rows: (row, ku, cu) for v < V, then (row, row', k), a row of
+    -1 standing for 1: a constant factor, already in k); then the reference ``clip_factors``
+    in float32 with correctly rounded sqrt and division: 0 for a non-finite norm or bound and
+    for a factor below the smallest normal number; ``ok``: whether every norm and bound is
+    finite."""
     cnt = tl.zeros([BLOCK], dtype=tl.int32)
     for b0 in range(0, B, BLOCK):
         b = b0 + tl.arange(0, BLOCK)
@@ -49,15 +51,24 @@ def _clip_from_parts_kernel(parts_ptr, U, err_ptr, E, m_ptr, own_ptr, V, tab_ptr
                 own += tl.maximum(ku * S * S, (2.0 * q + e) * e,
                                   propagate_nan=tl.PropagateNan.ALL)
             for x in range(0, X):
+                # row -1: a constant, moved into k (the reference's row of ones)
                 t = tab_ptr + 3 * (V + x)
-                S1 = tl.load(m_ptr + tl.load(t).to(tl.int64) * B + b, mask=m, other=0.0)
-                S2 = tl.load(m_ptr + tl.load(t + 1).to(tl.int64) * B + b, mask=m, other=0.0)
-                own = own + tl.load(t + 2) * S1 * S2
+                r1 = tl.load(t).to(tl.int64)
+                r2 = tl.load(t + 1).to(tl.int64)
+                S1 = tl.load(m_ptr + tl.maximum(r1, 0) * B + b, mask=m, other=0.0)
+                S2 = tl.load(m_ptr + tl.maximum(r2, 0) * B + b, mask=m, other=0.0)
+                S1 = tl.where(r1 >= 0, S1, 1.0)
+                S2 = tl.where(r2 >= 0, S2, 1.0)
+                own = own + tl.load(t + 2) * S1 * S2  # k first, as the reference
             n = n + (err + own)
         bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
         fac = tl.div_rn(tl.full([BLOCK], max_grad_norm, tl.float32), bound + 1e-6)
         fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
-        finite = (norms == norms) & (tl.abs(norms) != float("inf"))
+        # subnormal factors are rounded beyond the margin (reference clip_factors): 0
+        fac = tl.where(fac < 1.1754943508222875e-38, 0.0, fac)
+        # the bound too: a NaN bound with a finite norm gives 0, not a NaN factor
+        finite = ((norms == norms) & (tl.abs(norms) != float("inf"))
+                  & (bound == bound) & (tl.abs(bound) != float("inf")))
         fac = tl.where(finite, fac, 0.0)
         cnt += tl.where(m & (finite == 0), 1, 0)
         tl.store(nsq_ptr + b, nsq, mask=m)
@@ -91,7 +102,7 @@ def clip_from_parts(parts: torch.Tensor, err_parts: list, M: torch.Tensor | None
     tab = parts
     if V + X:
         tab = torch.tensor([[float(r), float(k), float(c)] for r, k, c in own_consts]
-                           + [[float(r), float(r2), float(k)] for r, r2, k in cross],
+                           + [ref.cross_row(*c) for c in cross],
                            dtype=torch.float32).to(device, non_blocking=True)
     out = torch.empty(4, B, dtype=torch.float32, device=device)
     ok = torch.empty((), dtype=torch.bool, device=device)

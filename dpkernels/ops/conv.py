@@ -31,6 +31,7 @@ from dpkernels.ops._common import (
     check_float,
     dot_precision,
     hand_back,
+    keep_configs,
     mma,
     prepare_out,
     same_dtype,
@@ -103,6 +104,10 @@ def _gather(xb_ptr, id0, ih0, iw0, mt, c_off, kd, kh, kw, mk, D, H, W, sxd, sxh,
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
     key=["T", "d", "p", "KD", "KH", "KW", "BLOCK_P", "BLOCK_D", "PRECISION"],
+    # tf32x3 and 16-bit operands with 64-row tiles on 4 warps spilled on sm_90 (64 B to 1 KB)
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: args["PRECISION"] == "ieee" or c.kwargs["BLOCK_T"] < 64
+        or c.num_warps >= 8)},
 )
 @triton.jit
 def _conv_direct_kernel(
@@ -153,6 +158,12 @@ def _conv_direct_kernel(
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
     ],
     key=["T", "d", "p", "KD", "KH", "KW", "BLOCK_T", "PRECISION"],  # tf32x3: more registers
+    # on sm_90, tf32x3 spilled with 64-wide K tiles (any warps) and with 64-row T tiles on 4
+    # warps; 16-bit operands with 64 x 64 tiles on 4 warps
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: args["PRECISION"] == "ieee" or (
+            (c.kwargs["BLOCK_K"] < 64 or args["PRECISION"] != "tf32x3")
+            and (args["BLOCK_T"] < 64 or c.num_warps >= 8)))},
 )
 @triton.jit
 def _conv_ghost_kernel(

@@ -24,6 +24,7 @@ from dpkernels.ops._common import (
     finish_store,
     gram_tile,
     hand_back,
+    keep_configs,
     mma,
     num_sms,
     philox_seed,
@@ -81,6 +82,11 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, bias_ptr, d, p, sab, sak, sg
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
     ],
     key=["T1", "T2", "d", "p", "BLOCK_T", "PRECISION"],  # tf32x3 needs more registers and smem
+    # two [64, 64] float32 Gram tiles on 4 warps spilled ~90 B on sm_90 (every dtype), and
+    # with tf32x3 on 8 warps with 64-wide K tiles (176 B)
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: args["BLOCK_T"] < 64 or (
+            c.num_warps >= 8 and (args["PRECISION"] != "tf32x3" or c.kwargs["BLOCK_K"] < 64)))},
 )
 @triton.jit
 def _linear_ghost_kernel(
@@ -125,6 +131,9 @@ def _linear_ghost_kernel(
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
     key=["T1", "T2", "d", "p", "BLOCK_P", "BLOCK_D", "PRECISION"],
+    # SECOND (two W tiles) with [64, 64] operand tiles on 8 warps spilled 16 B on sm_90
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: not (args["SECOND"] and c.kwargs["BLOCK_T"] >= 64 and c.num_warps >= 8))},
 )
 @triton.jit
 def _linear_direct_kernel(
@@ -227,12 +236,19 @@ def _linear_bias_norm_kernel(g_ptr, part_ptr, T, p, n_tiles, sgb, sgt, sgk,
     ],
     # Poisson batches change R every step: the key holds the split count and the rows per
     # split rounded up to a power of two, so batch sizes share their tuning
-    key=["d", "p", "ROWS_BUCKET", "SPLIT", "PRECISION"],
+    key=["d", "p", "ROWS_BUCKET", "SPLIT", "PRECISION", "ONE_PASS"],
     restore_value=["out_ptr"],
     # 128 x 128 x 64 in three stages is 192 KB of float32 operand tiles (sm_90 build with
     # triton 3.6: 164 KB and 5 KB of register spills with "ieee", 197 KB with "tf32x3"):
-    # 16-bit operands only
-    prune_configs_by={"early_config_prune": smem_prune("BLOCK_P", "BLOCK_D", "BLOCK_K", "a_ptr")},
+    # 16-bit operands only.  Register spills on sm_90 (bench/compile_sm90.py): every config
+    # but 32 x 32 x 32 spilled with HILO (hi + lo in registers: 0.1-2.6 KB) and with tf32x3
+    # (16 B-3.7 KB); the fused noise epilogue spilled ~600 B on tiles over 64 x 64.
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: not ((args["HILO"] or args["PRECISION"] == "tf32x3")
+                             and c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_D"] > 32 * 32)
+        and not (args["FUSED"] and args["HAS_NOISE"]
+                 and c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_D"] > 64 * 64),
+        then=smem_prune("BLOCK_P", "BLOCK_D", "BLOCK_K", "a_ptr"))},
 )
 @triton.jit(do_not_specialize=SEED_ARGS)
 def _linear_clipped_sum_kernel(
@@ -241,17 +257,27 @@ def _linear_clipped_sum_kernel(
     sab, sat, sak, sgb, sgt, sgk,
     noise_std, seed, scale, ROWS_BUCKET, SPLIT,
     FUSED: tl.constexpr, HAS_ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
-    HILO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HILO: tl.constexpr, ONE_PASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BP, BD] tile of ``sum_r c_{r // T} g_r a_r^T`` over the rows r of one K split.
 
-    Each g row is scaled by its sample's c_b in float32 as it is loaded.  16-bit operands
-    (HILO) are then split into hi + lo 16-bit parts and multiplied twice: rounding c_b g to
-    16 bits alone would perturb each sample's clipped contribution by up to 2^-9 relative
-    per element, enough to break ``||c_b W_b|| <= C`` when rows cancel; hi + lo keeps ~2^-17.
-    FUSED (one split): the epilogue ``(acc + . + noise) * scale`` runs here; otherwise the
-    split's tile goes to ``part`` and dense.finish folds the splits.
+    Rounding c_b g to 16 bits would perturb each sample's clipped contribution by up to 2^-9
+    relative per element, enough to break ``||c_b W_b|| <= C`` when rows cancel, so 16-bit
+    operands take one of two exact routes:
+
+    - ONE_PASS (a split holds whole samples; the launcher picks it when T >= ONE_PASS_MIN_T):
+      the K loop runs sample by sample over that sample's T rows (contiguous in B*T), the
+      raw 16-bit tiles multiply into a float32 per-sample tile ``W_b`` (products of 16-bit
+      values are exact in float32), and ``c_b W_b`` is added to the accumulator at the sample
+      boundary: one tensor-core pass, only float32 rounding.  The last K block of a sample is
+      padded when T is not a multiple of BLOCK_K: at most 2x the work for T >= 32.
+    - HILO (short samples): each g row is scaled by c_b in float32 as it is loaded, split into
+      hi + lo 16-bit parts and multiplied twice (~2^-17 relative per element).
+
+    float32 operands are scaled on load and multiplied once (tf32x3 or ieee).  FUSED (one
+    split): the epilogue ``(acc + . + noise) * scale`` runs here; otherwise the split's tile
+    goes to ``part`` and dense.finish folds the splits.
     """
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -263,24 +289,39 @@ def _linear_clipped_sum_kernel(
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, R)
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
-        mr = r < r_end
-        b = r // T
-        t = r % T
-        cb = tl.load(c_ptr + b, mask=mr, other=0.0)  # [BK] float32
-        gt = tl.load(g_ptr + b[None, :] * sgb + t[None, :] * sgt + cp[:, None] * sgk,
-                     mask=mp[:, None] & mr[None, :], other=0.0)  # [BP, BK]
-        x = tl.load(a_ptr + b[:, None] * sab + t[:, None] * sat + cd[None, :] * sak,
-                    mask=mr[:, None] & md[None, :], other=0.0)  # [BK, BD]
-        gs = gt.to(tl.float32) * cb[None, :]  # [BP, BK]
-        if HILO:
-            hi = gs.to(a_ptr.dtype.element_ty)
-            lo = (gs - hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
-            acc = mma(hi, x, acc, UPCAST, PRECISION)
-            acc = mma(lo, x, acc, UPCAST, PRECISION)
-        else:
-            acc = mma(gs, x, acc, UPCAST, PRECISION)
+    if ONE_PASS:
+        # rows_per_split is a multiple of T: samples r_start // T up to r_end // T
+        ts = tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
+        for b in range(r_start // T, r_end // T):
+            w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # this sample's W_b tile
+            for t0 in range(0, T, BLOCK_K):
+                t = t0 + ts
+                mt = t < T
+                gt = tl.load(g_ptr + b * sgb + t[None, :] * sgt + cp[:, None] * sgk,
+                             mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BK]
+                x = tl.load(a_ptr + b * sab + t[:, None] * sat + cd[None, :] * sak,
+                            mask=mt[:, None] & md[None, :], other=0.0)  # [BK, BD]
+                w = mma(gt, x, w, UPCAST, PRECISION)
+            acc += tl.load(c_ptr + b) * w
+    else:
+        for r0 in range(r_start, r_end, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
+            mr = r < r_end
+            b = r // T
+            t = r % T
+            cb = tl.load(c_ptr + b, mask=mr, other=0.0)  # [BK] float32
+            gt = tl.load(g_ptr + b[None, :] * sgb + t[None, :] * sgt + cp[:, None] * sgk,
+                         mask=mp[:, None] & mr[None, :], other=0.0)  # [BP, BK]
+            x = tl.load(a_ptr + b[:, None] * sab + t[:, None] * sat + cd[None, :] * sak,
+                        mask=mr[:, None] & md[None, :], other=0.0)  # [BK, BD]
+            gs = gt.to(tl.float32) * cb[None, :]  # [BP, BK]
+            if HILO:
+                hi = gs.to(a_ptr.dtype.element_ty)
+                lo = (gs - hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
+                acc = mma(hi, x, acc, UPCAST, PRECISION)
+                acc = mma(lo, x, acc, UPCAST, PRECISION)
+            else:
+                acc = mma(gs, x, acc, UPCAST, PRECISION)
     offs = cp[:, None] * d + cd[None, :]  # [BP, BD] offsets in the row-major [p, d] output
     mask = mp[:, None] & md[None, :]
     if FUSED:
@@ -522,10 +563,19 @@ def _gemm_into(out, acc_in, g2, a2, alpha: float = 1.0) -> None:
         torch.addmm(acc_in.view(out2.shape), g2.t(), a2, beta=alpha, alpha=alpha, out=out2)
 
 
+# 16-bit clipped sums with at least this many rows per sample run the kernel's ONE_PASS
+# route (per-sample float32 tiles scaled by c_b at each sample boundary): its padded last K
+# block costs at most 2x the multiplies for T >= 32 with BLOCK_K <= 64, which is what the
+# hi + lo split costs always.
+ONE_PASS_MIN_T = 32
+
+
 def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
-                split: int | None = None, path: str | None = None) -> torch.Tensor:
-    """linear_clipped_sum with the K split and the path exposed (tests force them; None
-    picks them: ``clipped_sum_path`` and a split that fills the SMs)."""
+                split: int | None = None, path: str | None = None,
+                one_pass: bool | None = None) -> torch.Tensor:
+    """linear_clipped_sum with the K split, the path and the 16-bit route exposed (tests
+    force them; None picks them: ``clipped_sum_path``, a split that fills the SMs, and
+    ONE_PASS for 16-bit operands when T >= ONE_PASS_MIN_T)."""
     _check("linear_clipped_sum", a, g)
     B, T, d = a.shape
     p = g.shape[-1]
@@ -545,11 +595,18 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
         return hand_back(out, acc)
     if path != "triton":
         raise ValueError(f"path must be 'gemm', 'triton' or None, got {path!r}")
+    sixteen = a.dtype != torch.float32
+    if one_pass is None:
+        one_pass = sixteen and T >= ONE_PASS_MIN_T
+    one_pass = bool(one_pass) and sixteen and T > 0  # float32: scaled on load, one multiply
     if split is None:
         # Few output tiles and many rows: split the rows so that every SM has work.
         tiles = triton.cdiv(p, 128) * triton.cdiv(d, 128)
         split = min(max(1, 2 * num_sms(device) // tiles), max(1, R // 1024), 32)
-    rows_per_split = max(1, triton.cdiv(R, max(1, split)))
+    if one_pass:  # ONE_PASS splits hold whole samples
+        rows_per_split = max(1, triton.cdiv(B, max(1, split))) * T
+    else:
+        rows_per_split = max(1, triton.cdiv(R, max(1, split)))
     split = max(1, triton.cdiv(R, rows_per_split))
     parts = None
     if split > 1:
@@ -568,7 +625,8 @@ def clipped_sum(a, g, c, acc=None, noise_std=0.0, seed=0, scale=1.0,
         noise_std=float(noise_std), seed=philox_seed(seed), scale=float(scale),
         ROWS_BUCKET=triton.next_power_of_2(rows_per_split), SPLIT=split,
         FUSED=parts is None, HAS_ACC=acc_in is not None, HAS_NOISE=bool(noise_std),
-        HILO=a.dtype != torch.float32, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+        HILO=sixteen and not one_pass, ONE_PASS=one_pass, UPCAST=INTERPRET,
+        PRECISION=dot_precision(a.dtype),
     )
     if parts is not None:
         finish(out, acc_in, parts, noise_std, seed, scale)

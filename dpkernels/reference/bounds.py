@@ -64,10 +64,16 @@ def norm_bound(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale: f
 def clip_factors(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale: float,
                  margin: float, max_grad_norm: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([B] norms, [B] clip factors ``min(C / (bound + 1e-6), 1)``, 0 where the norm is not
-    finite, a 0-dim bool: every norm finite) from [B] raw squared norms (``norm_bound``)."""
+    """([B] norms, [B] clip factors ``min(C / (bound + 1e-6), 1)``, 0 where the norm or its
+    bound is not finite or the factor is below the smallest normal number, a 0-dim bool: every norm and bound finite) from [B] raw squared norms
+    (``norm_bound``)."""
     norms, bound = norm_bound(norm_sq, err_sq, loss_scale, margin)
     factors = (max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
-    finite = torch.isfinite(norms)
+    # a subnormal factor is rounded with a relative error up to 1 (C = 1e-30, bound 1e15:
+    # 1e-45 rounds to 1.4e-45), far beyond the margin: such a sample gets 0 instead
+    factors = torch.where(factors < torch.finfo(factors.dtype).tiny, 0.0, factors)
+    # the bound too: a finite norm can have a NaN bound (inf * 0 in a magnitude, a huge input
+    # at a position whose backprop is 0), and a NaN factor would make every sum NaN
+    finite = torch.isfinite(norms) & torch.isfinite(bound)
     factors = torch.where(finite, factors, torch.zeros_like(factors))
     return norms, factors, finite.all()

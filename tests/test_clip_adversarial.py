@@ -1,0 +1,214 @@
+"""Adversarial review of the clip path (norms, bounds, clip factors): crafted samples that
+made a sample's released contribution exceed C, or poisoned the whole step, without an error.
+
+Each test releases crafted samples with noise 0 and checks the invariant of DESIGN.md section
+6 (``||c_b g_b|| <= C``) or that the step stays finite.  The tolerance 1e-6 relative on C is
+the one of tests/test_cancellation.py (float64 sum of the released gradient)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dpkernels
+from dpkernels.ops import bounds as tri_bounds
+from dpkernels.reference import bounds as ref_bounds
+
+
+def released(model, loss_fn, x, backend, method="auto", C=1.0, mode="fast", **kw):
+    """The norm of the released (summed, clipped) gradient, and the engine's optimizer."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=C,
+                                loss_reduction="sum", backend=backend, norm_method=method,
+                                seed=0, mode=mode, **kw)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = loss_fn(model(x))
+            if mode == "low-memory":
+                dp.backward(loss)
+            else:
+                loss.backward()
+            dp.step()
+        return torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters()
+                              if p.grad is not None)).item(), dp
+    finally:
+        dpkernels.detach(model)
+
+
+# Underflow: inputs of 2e-23 square to below float32's smallest subnormal, so every Gram entry
+# a_t . a_s (and ||a||^2 for T = 1) is 0 and the ghost norm of sum_t g_t a_t^T comes out 0,
+# while the clipped sum forms g_t a_t^T (~1e-6 each) directly: main released ~50 C (C = 1e-5).
+UF_C = 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("method", ["ghost", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_linear_gram_underflow(T, method, backend):
+    model = nn.Linear(64, 64, bias=False)
+    x = torch.full((1, T, 64), 2e-23)
+    r, _ = released(model, lambda o: o.sum() * 1e17, x, backend, method, C=UF_C)
+    assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gram_underflow_cases_take_the_grouped_path(backend, monkeypatch):
+    """The fast-mode cases above run through the grouped ops (the Linear norms deferred to
+    linear_norms_many, bounds and factors in clip_from_parts), so they test those ops' bounds;
+    a Linear with a bias too (its sum_t |g_t| row shared with the underflow bound's)."""
+    from dpkernels.engine import Engine
+
+    seen, op = [], Engine.op
+
+    def spy(self, name, *args, **kwargs):
+        seen.append(name)
+        return op(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "op", spy)
+    for model in (nn.Linear(64, 64, bias=False), nn.Linear(64, 64)):
+        seen.clear()
+        r, _ = released(model, lambda o: o.sum() * 1e17, torch.full((1, 4, 64), 2e-23),
+                        backend, "ghost", C=UF_C)
+        assert {"linear_norms_many", "magnitude_many", "clip_from_parts"} <= set(seen), seen
+        assert "linear_norm" not in seen and "stacked_bounds" not in seen
+        assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
+def test_linear_gram_underflow_low_memory():
+    """The per-use bound path (low-memory mode), T = 1 and a Linear used twice (cross term)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(x * 0.5)
+
+    for model in (nn.Linear(64, 64, bias=False), Twice()):
+        x = torch.full((1, 64), 2e-23)
+        r, _ = released(model, lambda o: o.sum() * 1e17, x, "reference", "ghost", C=UF_C,
+                        mode="low-memory")
+        assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
+def test_linear_gram_underflow_reused_fast():
+    """A Linear used twice in the fast mode: the deferred cross-term underflow bound."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(x * 0.5)
+
+    r, _ = released(Twice(), lambda o: o.sum() * 1e17, torch.full((1, 3, 64), 2e-23),
+                    "reference", "ghost", C=UF_C)
+    assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_conv_gram_underflow(method):
+    model = nn.Conv1d(64, 64, 1, bias=False)
+    x = torch.full((1, 64, 1), 2e-23)
+    r, _ = released(model, lambda o: o.sum() * 1e17, x, "reference", method, C=UF_C)
+    assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
+# A NaN bound with a finite norm: sample 1 has a huge input (|x|^2 overflows float32) at a
+# position whose backprop is 0, so its magnitude sum_t |a_t||g_t| has inf * 0 = NaN while the
+# direct norm is finite; main gave it a NaN clip factor and every parameter's sum became NaN.
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_bound_is_dropped_not_propagated(backend, clipping):
+    if clipping == "per_layer" and backend == "triton":
+        pytest.skip("per-layer mode takes its bounds per use: the reference case covers it")
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8, bias=False)
+    x = torch.randn(2, 3, 8)
+    x[1, 1] = 1e20
+    kw = {"clipping": "per_layer"} if clipping == "per_layer" else {}
+    C = 1.0 if clipping == "flat" else [1.0]
+    r, dp = released(model, lambda o: o[:, 0].sum(), x, backend, "direct", C=C, **kw)
+    assert r == r and r <= 1.0 * (1 + 1e-6), r  # finite: sample 0 alone, clipped
+    assert r > 0  # sample 0 still contributes
+    assert dp.nonfinite_samples == 1
+
+
+# Mixed dtypes in the per-use bound path: a float64 use next to a float32 use made torch.cat
+# promote the float32 magnitudes, and float64's unit roundoff then bounded the float32 norm
+# (2^29 too tight): a crafted float32 sample released ~26 C in the low-memory mode.
+class MixedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False).double()
+        self.b = nn.Linear(32, 24, bias=False)
+
+    def forward(self, x):
+        return self.b(x.float()).sum() + 0 * self.a(x).sum()
+
+
+class MixedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(32, 32, 1, bias=False).double()
+        self.b = nn.Conv1d(32, 24, 1, bias=False)
+
+    def forward(self, x):
+        x = x.transpose(1, 2)
+        return self.b(x.float()).sum() + 0 * self.a(x).sum()
+
+
+def crafted(d, k, seed):
+    """[v, -v + e] with |v| ~ 2^k (tests/test_cancellation.py), float64."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, generator=g, dtype=torch.float64) * 2.0**k
+    e = torch.randn(d, generator=g, dtype=torch.float64)
+    return torch.stack([v, -v + e])
+
+
+@pytest.mark.parametrize("model_cls,mode", [(MixedLinear, "low-memory"), (MixedConv, "fast")])
+def test_mixed_dtype_cancellation(model_cls, mode):
+    worst = 0.0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        r, _ = released(model_cls(), lambda o: o, crafted(32, 11, seed)[None], "reference",
+                        "ghost", mode=mode)
+        worst = max(worst, r)
+    assert worst <= 1.0 * (1 + 1e-6), worst
+
+
+# clip_factors on adversarial inputs, Triton kernel against the reference: exactly at C, just
+# above, zeros, negatives, subnormals, near float32 max, inf, NaN; every factor must keep
+# c * sqrt(norm_sq + err) * loss_scale <= C (the inputs taken as exact, in float64).
+F32MAX = torch.finfo(torch.float32).max
+VALS = [0.0, -0.0, -1.0, 1e-45, 2.0**-126, 1e-7, 1.0, (1.0 / (1 + 2**-16) - 1e-6) ** 2,
+        0.99999, 1.00001, 4.0, 1e30, 1e38, F32MAX, float("inf"), float("nan"), -float("inf")]
+
+
+@pytest.mark.parametrize("C", [1.0, 0.1, 7.0, 1e-30])
+@pytest.mark.parametrize("loss_scale", [1.0, 3.0, 256.0, 1e30])
+def test_clip_factors_adversarial(C, loss_scale):
+    nsq = torch.tensor(VALS, dtype=torch.float32)
+    errs = [None, torch.zeros_like(nsq), torch.full_like(nsq, 1e-3),
+            torch.full_like(nsq, F32MAX), torch.tensor([float("nan")] + [1.0] * (len(VALS) - 1))]
+    for err in errs:
+        n1, f1, ok1 = ref_bounds.clip_factors(nsq, err, loss_scale, 2.0**-16, C)
+        n2, f2, ok2 = tri_bounds.clip_factors(nsq, err, loss_scale, 2.0**-16, C)
+        assert bool(ok1) == bool(ok2)
+        e64 = 0.0 if err is None else err.double()
+        exact = (nsq.double().clamp_min(0) + e64).sqrt() * loss_scale
+        for f in (f1, f2):
+            assert not torch.isnan(f).any(), (nsq, f)
+            out = f.double() * exact
+            ok = ~(f > 0) | ~torch.isfinite(out) | (out <= C * (1 + 1e-12))
+            assert ok.all(), (nsq[~ok], f[~ok], out[~ok] / C)
+            # 0 wherever the norm or the bound is not finite
+            assert (f[~torch.isfinite(exact)] == 0).all()
+        # the kernel's factor never above the reference's by more than an ulp or two
+        m = f1 > 0
+        assert (f2[m].double() <= f1[m].double() * (1 + 2.0**-22)).all()
+        assert torch.equal(f1 == 0, f2 == 0)
