@@ -148,7 +148,17 @@ def at_run(self, *args, **kwargs):
 JITFunction.run = run
 Autotuner.run = at_run
 
-from dpkernels.ops import _common, conv, dense, embedding, linear, norms  # noqa: E402
+from dpkernels.ops import (  # noqa: E402
+    _common,
+    clip_many,
+    conv,
+    dense,
+    embedding,
+    ghost_many,
+    linear,
+    norm_parts,
+    norms,
+)
 
 assert not _common.INTERPRET and _common.AUTOTUNE
 
@@ -168,6 +178,16 @@ def shapes() -> None:
             linear.linear_cross(a, g, R(B, T + 5, d, dt=dt), R(B, T + 5, p, dt=dt))
             linear.linear_cross(a[:, :5], g[:, :5], a[:, :9], g[:, :9])
             linear.linear_bias_norm(g)
+        ghost_many.linear_norms_many(
+            [(R(4, 300, 257, dt=dt), R(4, 300, 190, dt=dt), "ghost", True),
+             (R(4, 77, 768, dt=dt), R(4, 77, 16384, dt=dt), "ghost", False),
+             (R(4, 1, 1024, dt=dt), R(4, 1, 1000, dt=dt), "auto", True)])
+        ghost_many.linear_norms_many([(R(4, 40, 257, dt=dt), R(4, 40, 190, dt=dt), "ghost", True),
+                                      (None, R(4, 16, 768, dt=dt), "auto", True),
+                                      (torch.randint(0, 100, (4, 300)), R(4, 300, 768, dt=dt),
+                                       "embedding", 0),
+                                      (torch.randint(0, 100, (4, 40)), R(4, 40, 64, dt=dt),
+                                       "embedding", None)])
         a, g, c = R(16, 256, 768, dt=dt), R(16, 256, 768, dt=dt), torch.rand(16)
         linear.linear_clipped_sum(a, g, c)
         linear.linear_clipped_sum(a, g, c, torch.randn(768, 768), 0.5, 2**61 + 5, 0.5)
@@ -187,6 +207,9 @@ def shapes() -> None:
             norms.layer_norm_psg(x, x, (N,), 1e-5, True, False)
             norms.layer_norm_psg(x, x, (N,), 1e-5, False, True)
             norms.rms_norm_psg(x, x, (N,))
+            norm_parts.layer_norm_psg_parts(x, x, (N,), 1e-5)
+            norm_parts.layer_norm_psg_parts(x, x, (N,), 1e-5, True, False)
+            norm_parts.rms_norm_psg_parts(x, x, (N,))
         for shape, G in [((4, 64, 32, 32), 32), ((2, 4096, 3), 1), ((3, 8, 5), 8)]:
             x = R(*shape, dt=dt)
             norms.group_norm_psg(x, x, G, 1e-5)
@@ -211,6 +234,13 @@ def shapes() -> None:
                 conv.conv_norm(x, g, ws, st, pad, dil, grp, m)
             conv.conv_clipped_sum(x, g, torch.rand(xs[0]), ws, st, pad, dil, grp, None, 0.5, 9, 0.5)
 
+    for B in (16, 3000):
+        # the bounds' table with constant factors (an embedding's T in its underflow term)
+        clip_many.clip_from_parts(torch.rand(5, B), [torch.rand(B)], torch.rand(3, B),
+                                  torch.rand(2, B), [(0, 1e-4, 1e-5), (2, 2e-4, 1e-5)],
+                                  [(1, 2, 1e-4), (12.0, 1, 2.0**-126)], 16.0, 2.0**-16, 1.0)
+        clip_many.clip_from_parts(torch.rand(5, B), [], None, None, [], [], 1.0, 2.0**-16, 1.0)
+
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     a, g, c = R(3, 200, 300), R(3, 200, 260), torch.rand(3)
@@ -219,6 +249,8 @@ def shapes() -> None:
         linear.linear_norms(a, g, m, True)
     linear.linear_clipped_sum(a, g, c)
     linear.linear_clipped_sum(R(16, 256, 768), R(16, 256, 768), torch.rand(16))
+    ghost_many.linear_norms_many([(a, g, "ghost", True), (a[:, :40], g[:, :40], "ghost", True),
+                                  (torch.randint(0, 100, (3, 200)), g, "embedding", 0)])
     embedding.embedding_norm(torch.randint(0, 100, (4, 300)), R(4, 300, 64), 0)
     torch.backends.cuda.matmul.allow_tf32 = old
 

@@ -145,6 +145,38 @@ def _clip(B):
                         1.0, 2.0 ** -16, 1.0), {})
 
 
+def _norms_many(B, T, shapes, V=None, p_emb=None):
+    """``linear_norms_many`` items: a Linear use with its bias per (d, p), a bias alone (a norm
+    layer's partial sums) per (None, p), and a token embedding (V, p_emb) when given."""
+    def build(dt):
+        items = [(None if d is None else _r(B, T, d, dt=dt), _r(B, T, p, dt=dt),
+                  "auto", True) for d, p in shapes]
+        if V is not None:
+            items.append((_ids(B, T, V), _r(B, T, p_emb, dt=dt), "embedding", 0))
+        return (items,), {}
+    return build
+
+
+def _clip_parts(B, U, R):
+    """``clip_from_parts`` as the engine calls it for U uses (own bounds on R magnitude rows,
+    each use's two underflow terms and one cross pair)."""
+    def build(dt):
+        parts = torch.rand(U, B, device=DEVICE)
+        M = torch.rand(R, B, device=DEVICE)
+        own_consts = [(u % R, 1e-4, 2e-5) for u in range(U)]
+        cross = [(u % R, u % R, 2.0**-120) for u in range(2 * U)] + [(0, 1, 1e-4)]
+        return (parts, [torch.rand(B, device=DEVICE) * 1e-4], M, parts, own_consts, cross,
+                1.0, 2.0**-16, 1.0), {}
+    return build
+
+
+def _norm_parts(B, T, d, rms=False):
+    def build(dt):
+        x, g = _r(B, T, d, dt=dt), _r(B, T, d, dt=dt)
+        return ((x, g, (d,)), {}) if rms else ((x, g, (d,), 1e-5, True, True), {})
+    return build
+
+
 CPU = {
     "linear_norm": {"ghost-B4-T64-d128-p128": _linear(4, 64, 128, 128),
                     "T1-B64-d256-p256": _linear(64, 1, 256, 256)},
@@ -179,6 +211,11 @@ CPU = {
     "magnitude_many": {"B4-T64-3uses": _magnitudes(4, 64, [(128, 384), (None, 384),
                                                            (512, 128)])},
     "clip_factors": {"B64": _clip(64)},
+    "linear_norms_many": {"B4-T64-3uses-emb": _norms_many(4, 64, [(128, 384), (None, 384),
+                                                                  (512, 128)], 1024, 128)},
+    "clip_from_parts": {"B64-8uses": _clip_parts(64, 8, 12)},
+    "layer_norm_psg_parts": {"B4-T64-d128": _norm_parts(4, 64, 128)},
+    "rms_norm_psg_parts": {"B4-T64-d128": _norm_parts(4, 64, 128, rms=True)},
 }
 
 # gpt: B16 T256 d768 (qkv 768->2304, proj 768->768, fc1 768->3072, fc2 3072->768, head
@@ -225,12 +262,19 @@ GPU = {
     "magnitude_many": {"gpt-block": _magnitudes(16, 256, GPT_LINEARS
                                                 + [(None, p) for _, p in GPT_LINEARS])},
     "clip_factors": {"gpt-B16": _clip(16), "mlp-B1024": _clip(1024)},
+    "linear_norms_many": {"gpt-block-tok": _norms_many(16, 256, GPT_LINEARS
+                                                       + [(None, 768)] * 4, 16384, 768),
+                          "mlp": _norms_many(1024, 1, [(784, 1024), (1024, 1024), (1024, 10)])},
+    # gpt-tiny's 2 blocks' uses ~ 26 contributions, 40 magnitude rows
+    "clip_from_parts": {"gpt-B16": _clip_parts(16, 26, 40), "mlp-B1024": _clip_parts(1024, 6, 9)},
+    "layer_norm_psg_parts": {"gpt-ln": _norm_parts(16, 256, 768)},
+    "rms_norm_psg_parts": {"gpt-ln": _norm_parts(16, 256, 768, rms=True)},
 }
 
 CASES = GPU if CUDA else CPU
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16} if CUDA else {"fp32": torch.float32}
 # Ops whose inputs are not floating-point activations: one dtype is enough.
-FLOAT32_ONLY = {"add_noise", "add_noise_many", "clip_factors"}
+FLOAT32_ONLY = {"add_noise", "add_noise_many", "clip_factors", "clip_from_parts"}
 
 
 def _params():

@@ -227,6 +227,8 @@ def _dot_rate(kw) -> float:
     a = kw.get("a_ptr", kw.get("a1_ptr", kw.get("g1_ptr")))
     if a is not None and a.dtype in (torch.bfloat16, torch.float16):
         return BF16_FLOPS * TRITON_TC_SHARE
+    if str(kw.get("TYPE")) in ("bf16", "fp16"):  # table-driven kernels name their dtype
+        return BF16_FLOPS * TRITON_TC_SHARE
     if kw.get("PRECISION") == "tf32x3":
         return TF32_FLOPS * TRITON_TC_SHARE / 3
     return FP32_GEMM_FLOPS * TRITON_FMA_SHARE
@@ -274,11 +276,13 @@ def _record_launch(self, grid):
         if cfg is not None:
             desc = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
             desc += f" w{cfg.num_warps} s{cfg.num_stages}"
+        nbytes, flops = _nbytes(_tensors(kw)), _triton_flops(name, meta, programs)
+        if name in NOTED_KERNELS:  # the operands its table points at: noted by the launcher
+            nbytes, flops = _NOTED.pop()
         tr = TRACE
         if tr is not None:
-            tr.launches.append(Launch("triton", name, tr.phase,
-                                      _nbytes(_tensors(kw)), _triton_flops(name, meta, programs),
-                                      _dot_rate(kw), g, desc))
+            tr.launches.append(Launch("triton", name, tr.phase, nbytes, flops, _dot_rate(kw), g,
+                                      desc))
 
     return launch
 
@@ -286,12 +290,21 @@ def _record_launch(self, grid):
 # ---------------------------------------------------------------------------- driver
 
 
+# (bytes, FLOPs) that the launchers of table-driven kernels note before a launch: the table's
+# contents (the operands' addresses and shapes) cannot be read from a traced launch's fake
+# tensors
+NOTED_KERNELS = {"_ghost_many_kernel", "_row_product_many_kernel", "_bias_many_kernel",
+                 "_embedding_many_kernel"}
+_NOTED: list[tuple[float, float]] = []
+
+
 def _install() -> None:
     from dpkernels import dispatch
-    from dpkernels.ops import _common
+    from dpkernels.ops import _common, ghost_many
 
     KernelInterface.__getitem__ = _record_launch
     _common.SM_COUNT = SMS
+    ghost_many._note_cost = lambda nbytes, flops: _NOTED.append((nbytes, flops))
     # The launchers run on (fake) CPU tensors; nothing is launched, so Triton "runs" there.
     dispatch.triton_available = lambda device_type: (True, "")
 

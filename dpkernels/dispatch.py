@@ -154,8 +154,9 @@ def _resolve(name: str, backend: str, device_type: str) -> tuple[Callable, str]:
 
 def _device_type(args, kwargs) -> str:
     for a in list(args) + list(kwargs.values()):
-        if isinstance(a, (list, tuple)) and a:  # grouped ops take lists of tensors
-            a = a[0]
+        # grouped ops take lists of tensors, or of tuples of operands: the first tensor
+        while isinstance(a, (list, tuple)) and a:
+            a = next((x for x in a if isinstance(x, (torch.Tensor, list, tuple))), None)
         if isinstance(a, torch.Tensor):
             return a.device.type
     return "cpu"

@@ -98,6 +98,9 @@ class Engine:
         self._norm_sq: torch.Tensor | None = None  # read through the norm_sq property
         self._norm_parts: list[torch.Tensor] = []  # per-use contributions not yet summed
         self._norm_rows: list[torch.Tensor] = []  # [B, N] rows whose norms are not yet taken
+        # grouped op -> (operands, [_Pending] rows) of the norms deferred to clip time
+        self._deferred: dict[str, list[tuple[tuple, list[_Pending]]]] = {}
+        self._pending_uses: list[Use] = []  # uses whose norm is deferred, given it when taken
         # [B] bound on the rounding error of norm_sq from cancellation (layers/base.py)
         self._err_terms: list = []  # (S, kappa, T, norm_sq) per use: see err_sq
         self._err_parts: list[torch.Tensor] = []  # cross-term bounds
@@ -130,6 +133,7 @@ class Engine:
         self.acc: dict[nn.Parameter, torch.Tensor] = {}
         self.last_norms: torch.Tensor | None = None
         self.last_factors: torch.Tensor | None = None  # c_b of the last micro-batch
+        self.scaled_factors: torch.Tensor | None = None  # c_b * loss_scale (clip_factors)
         self._checked_devices: set[str] = set()
         self.attached = False
         self._hooked: set[nn.Parameter] = set()  # parameters with a leak hook
@@ -341,7 +345,7 @@ class Engine:
         elif batch_size != self.batch_size:
             raise ValueError(self._batch_mismatch(name, batch_size))
         if self.phase == "sums":
-            c = self.factors * self.loss_scale
+            c = self.scaled_factors  # factors * loss_scale, from clip_factors
             for p, use in uses:
                 if self.bad_samples is not None:
                     use.drop_samples(self.bad_samples)
@@ -395,13 +399,56 @@ class Engine:
     # PerLayerEngine needs every use's norm through add_norm (its groups' norms)
     defer_norm_rows = True
 
+    def defers_norms(self) -> bool:
+        """Whether a layer may hand its norms over to ``defer_norm``: in the fast mode's one
+        backward (which keeps every use until clip time anyway), for engines that take all
+        norms at clip time."""
+        return self.phase is None and self.defer_norm_rows
+
+    def defer_norm(self, op: str, operands: tuple, rows: int) -> list[_Pending]:
+        """``rows`` [B] squared norms that ``op([operands, ...])`` computes, as a [rows in
+        all, B] tensor, for every use deferred to it at once: taken when first needed (at
+        clip time, or for a cross term of a later use of the same parameter)."""
+        held = [_Pending() for _ in range(rows)]
+        self._deferred.setdefault(op, []).append((operands, held))
+        return held
+
+    def _take_deferred(self) -> list[tuple[torch.Tensor, list[_Pending]]]:
+        """Run the deferred grouped ops: ([rows, B] output, its rows' holders) per op."""
+        deferred, self._deferred = self._deferred, {}
+        taken = []
+        for name, items in deferred.items():
+            block = self.op(name, [ops for ops, _ in items])
+            held = [h for _, hs in items for h in hs]
+            for h, row in zip(held, block.unbind(0)):
+                h.value = row
+            taken.append((block, held))
+        for use in self._pending_uses:
+            use.norm_sq = self._value(use.norm_sq)
+            if isinstance(getattr(use, "norm", None), _Pending):
+                use.norm = use.norm.value
+        self._pending_uses = []
+        return taken
+
+    def _value(self, norm):
+        """``norm``, or the tensor of a deferred one (computing the deferred norms)."""
+        if isinstance(norm, _Pending):
+            if norm.value is None:
+                self._take_deferred()
+            return norm.value
+        return norm
+
     def _add_norm(self, p: nn.Parameter, use: Use, earlier: list[Use]) -> None:
         """``use``'s squared norm and its cross terms with the ``earlier`` uses of ``p``, with
         what bounds their cancellation error, handed to ``add_norm`` (or, in the fast mode,
         deferred to ``err_sq``: one grouped pass over the magnitudes of all uses)."""
         own = use.raw_norm(self.op)
+        if earlier:  # a cross term to add: needs the value now
+            own = self._value(own)
         contrib = own
         use.norm_sq = own
+        if isinstance(own, _Pending):
+            self._pending_uses.append(use)
         # deferred only where the use is kept until clip time anyway (not in the low-memory
         # mode's norms pass), and for engines that take every bound at clip time
         defer = self.phase is None and self.defer_norm_rows
@@ -438,10 +485,11 @@ class Engine:
                 self._err_cross.append((theirs[0], mine[0], 2.0 * max(u.kappa(), use.kappa())
                                         * max(theirs[1], mine[1])))
                 continue
-            e = cross_error(u, use, u.norm_sq, own)
+            e = cross_error(u, use, self._value(u.norm_sq), self._value(own))
             if e is not None:
                 cross_err = e if cross_err is None else cross_err + e
-        self.add_norm(p, contrib, None if terms is None else (*terms, own), cross_err)
+        self.add_norm(p, contrib, None if terms is None else (*terms, self._value(own)),
+                      cross_err)
 
     def _magnitude_row(self, use: Use) -> tuple[int, float] | None:
         """(``use``'s row in the deferred magnitudes, the unit roundoff of its bound), or None
@@ -565,23 +613,42 @@ class Engine:
         """[B] squared per-sample norms of the pending micro-batch.  ``record`` only appends
         each use's contribution (or, for ``Use.norm_rows``, the rows to take norms of); they
         are summed here in one pass (a few launches, not one or two per use)."""
-        parts = self._norm_parts
+        block = self._norm_block()
+        if block is not None:
+            self._norm_sq = block.sum(0)
+        return self._norm_sq
+
+    def _norm_block(self, rows: list | None = None) -> torch.Tensor | None:
+        """[U, B] contributions to ``norm_sq`` not summed yet (the current ``norm_sq`` first, if
+        any), taking the deferred norms; None when there are none.  Clears them.  ``rows``:
+        extended with the U tensors the block's rows are, in order."""
+        rows = [] if rows is None else rows
+        taken = self._take_deferred() if self._deferred else []
+        if (len(taken) == 1 and self._norm_sq is None and not self._norm_rows
+                and list(map(id, taken[0][1])) == list(map(id, self._norm_parts))):
+            # every contribution is a row of one grouped op's output: no stack
+            self._norm_parts = []
+            rows.extend(h.value for h in taken[0][1])
+            return taken[0][0]
+        parts = [self._value(t) for t in self._norm_parts]
         if self._norm_rows:
             parts.extend(self.op("dense_norm_many", self._norm_rows).unbind(0))
             self._norm_rows = []
-        if parts:
-            if self._norm_sq is not None:
-                parts.insert(0, self._norm_sq)
-            dt = parts[0].dtype
-            for t in parts[1:]:
-                dt = torch.promote_types(dt, t.dtype)
-            self._norm_sq = torch.stack([t.to(dt) for t in parts]).sum(0)
-            self._norm_parts = []
-        return self._norm_sq
+        if not parts:
+            return None
+        if self._norm_sq is not None:
+            parts.insert(0, self._norm_sq)
+        dt = parts[0].dtype
+        for t in parts[1:]:
+            dt = torch.promote_types(dt, t.dtype)
+        self._norm_parts = []
+        rows.extend(parts)
+        return torch.stack([t.to(dt) for t in parts])
 
     @norm_sq.setter
     def norm_sq(self, value: torch.Tensor | None) -> None:
         self._norm_sq, self._norm_parts, self._norm_rows = value, [], []
+        self._deferred, self._pending_uses = {}, []
 
     def err_sq(self) -> torch.Tensor | None:
         """[B] bound on the rounding error of ``norm_sq`` from cancellation (layers/base.py)."""
@@ -590,7 +657,8 @@ class Engine:
             parts.append(cancellation_bounds(self._err_terms))
         if self._err_own or self._err_cross:
             M = self.op("magnitude_many", self._mag_items)  # [rows, B]
-            parts.append(stacked_bounds(M, self._err_own, self._err_cross))
+            own = [(r, k, c, self._value(n)) for r, k, c, n in self._err_own]
+            parts.append(stacked_bounds(M, own, self._err_cross))
         if not parts:
             return None
         if len(parts) == 1:
@@ -598,18 +666,39 @@ class Engine:
         return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
 
     def clip_factors(self) -> torch.Tensor | None:
-        if self.norm_sq is None:
-            return None
-        norm_sq = self.norm_sq
-        # norms, factors min(C / (bound + 1e-6), 1) from the bound of norm_bound, in one op
-        # (one launch on the Triton backend).  A sample whose gradient is not finite (NaN/inf
-        # loss, overflow) gets c_b = 0: its contribution then has norm 0 <= C, and its rows
-        # are zeroed before the clipped sums (0 * NaN would still be NaN).  One host sync per
-        # micro-batch (whether there is any).
-        norms, factors, all_finite = self.op("clip_factors", norm_sq, self.err_sq(),
-                                        self.loss_scale,
-                                        NORM_MARGIN.get(norm_sq.dtype, 2.0**-16),
-                                        self.max_grad_norm)
+        rows: list[torch.Tensor] = []
+        block = self._norm_block(rows)
+        if block is None:
+            if self._norm_sq is None:
+                return None
+            block = self._norm_sq.unsqueeze(0)
+        # The squared norms (the sum of the contributions), the bound on their rounding error
+        # (err_sq's terms), norms, factors min(C / (bound + 1e-6), 1) from the bound of
+        # norm_bound and the factors times the loss scale, in one op (one launch on the
+        # Triton backend).  A sample whose gradient is not finite (NaN/inf loss, overflow)
+        # gets c_b = 0: its contribution then has norm 0 <= C, and its rows are zeroed before
+        # the clipped sums (0 * NaN would still be NaN).  One host sync per micro-batch
+        # (whether there is any).
+        errs = list(self._err_parts)
+        if self._err_terms:
+            errs.append(cancellation_bounds(self._err_terms))
+        M = own = None
+        if self._err_own or self._err_cross:
+            M = self.op("magnitude_many", self._mag_items)  # [rows, B]
+        if self._err_own:
+            norms_own = [self._value(n) for _, _, _, n in self._err_own]
+            dt = M.dtype
+            for n in norms_own:
+                dt = torch.promote_types(dt, n.dtype)
+            if block.dtype == dt and list(map(id, norms_own)) == list(map(id, rows)):
+                own = block  # every use's own norm is its whole contribution: the same rows
+            else:
+                own = torch.stack([n.to(dt) for n in norms_own])
+        norm_sq, norms, factors, self.scaled_factors, all_finite = self.op(
+            "clip_from_parts", block, errs, M, own, [e[:3] for e in self._err_own],
+            self._err_cross, self.loss_scale, NORM_MARGIN.get(block.dtype, 2.0**-16),
+            self.max_grad_norm)
+        self._norm_sq = norm_sq
         self.last_norms = norms
         if not bool(all_finite):
             # a non-finite norm or bound (the op gave those samples c_b = 0; so it does to
@@ -672,9 +761,10 @@ class Engine:
             self._fold(finalize, noise_std, scale, seeds, noise)
 
     def _fold(self, finalize, noise_std, scale, seeds, noise) -> None:
+        self.scaled_factors = None
         c = self.clip_factors() if self.uses else None
         if c is not None:
-            c = c * self.loss_scale
+            c = self.scaled_factors  # c * loss_scale, from the same op
             if self.bad_samples is not None:
                 for uses in self.uses.values():
                     for u in uses:
@@ -757,6 +847,16 @@ class Engine:
                 "Move the use into a module, freeze the parameter, or call dp_opt.zero_grad() "
                 "before the forward if the gradient was stale"
             )
+
+
+class _Pending:
+    """A [B] squared norm deferred to a grouped op (``Engine.defer_norm``): ``value`` once
+    taken."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
 
 
 def recomputing() -> bool:

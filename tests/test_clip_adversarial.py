@@ -53,6 +53,29 @@ def test_linear_gram_underflow(T, method, backend):
     assert r <= UF_C * (1 + 1e-6), r / UF_C
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gram_underflow_cases_take_the_grouped_path(backend, monkeypatch):
+    """The fast-mode cases above run through the grouped ops (the Linear norms deferred to
+    linear_norms_many, bounds and factors in clip_from_parts), so they test those ops' bounds;
+    a Linear with a bias too (its sum_t |g_t| row shared with the underflow bound's)."""
+    from dpkernels.engine import Engine
+
+    seen, op = [], Engine.op
+
+    def spy(self, name, *args, **kwargs):
+        seen.append(name)
+        return op(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "op", spy)
+    for model in (nn.Linear(64, 64, bias=False), nn.Linear(64, 64)):
+        seen.clear()
+        r, _ = released(model, lambda o: o.sum() * 1e17, torch.full((1, 4, 64), 2e-23),
+                        backend, "ghost", C=UF_C)
+        assert {"linear_norms_many", "magnitude_many", "clip_from_parts"} <= set(seen), seen
+        assert "linear_norm" not in seen and "stacked_bounds" not in seen
+        assert r <= UF_C * (1 + 1e-6), r / UF_C
+
+
 def test_linear_gram_underflow_low_memory():
     """The per-use bound path (low-memory mode), T = 1 and a Linear used twice (cross term)."""
 

@@ -22,12 +22,15 @@ class EmbeddingUse(Use):
     is ``padding_idx`` contribute nothing (torch gives them no gradient)."""
 
     def __init__(self, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None,
-                 num_embeddings: int) -> None:
+                 num_embeddings: int, norm=None) -> None:
         super().__init__()
         self.ids, self.g = ids, g
         self.padding_idx, self.num_embeddings = padding_idx, num_embeddings
+        self.norm = norm  # [B] ||E_b||^2 when already computed (or deferred by the engine)
 
     def raw_norm(self, op: Op) -> torch.Tensor:
+        if self.norm is not None:
+            return self.norm
         return op("embedding_norm", self.ids, self.g, self.padding_idx)
 
     def magnitude(self) -> torch.Tensor:
@@ -168,8 +171,11 @@ class EmbeddingHandler:
                     "batch size, so its per-sample gradients cannot be told apart; pass ids "
                     "with the batch first (e.g. position_ids.expand(B, -1))"
                 )
-            use = EmbeddingUse(ids_saved.reshape(B, T), g.reshape(B, T, g.shape[-1]), pad, V)
-            engine.record(name, B, [(w, use)])
+            ids2, g2 = ids_saved.reshape(B, T), g.reshape(B, T, g.shape[-1])
+            norm = None
+            if engine.defers_norms():  # taken at clip time with the other deferred norms
+                (norm,) = engine.defer_norm("linear_norms_many", (ids2, g2, "embedding", pad), 1)
+            engine.record(name, B, [(w, EmbeddingUse(ids2, g2, pad, V, norm=norm))])
 
         return _EmbeddingFn.apply(ids, w, pad, record)
 

@@ -72,9 +72,15 @@ class LinearHandler:
             g2 = g.reshape(B, T, p)
             w_on, b_on = w.requires_grad, b is not None and b.requires_grad
             w_norm = b_norm = None
-            # Both trainable: both norms from one pass over g.  The low-memory mode's second
-            # pass ("sums") needs no norms at all.
-            if w_on and b_on and engine.phase != "sums":
+            if w_on and engine.defers_norms():
+                # taken at clip time with every other Linear's, in one grouped op
+                w_norm, *b_norm = engine.defer_norm("linear_norms_many",
+                                                    (a2, g2, engine.norm_method, b_on),
+                                                    1 + b_on)
+                b_norm = b_norm[0] if b_on else None
+            elif w_on and b_on and engine.phase != "sums":
+                # Both trainable: both norms from one pass over g.  The low-memory mode's
+                # second pass ("sums") needs no norms at all.
                 w_norm, b_norm = engine.op("linear_norms", a2, g2, engine.norm_method, True)
             uses = []
             if w_on:

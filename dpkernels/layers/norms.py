@@ -17,8 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import DenseUse, autocast_dtype
+from dpkernels.layers.base import BiasUse, DenseUse, autocast_dtype
 from dpkernels.layers.linear import check_input_dtype
+
+
+class PartsUse(BiasUse):
+    """A norm layer's per-sample affine term kept as partial sums ``g`` [B, S, N] over blocks
+    of positions (``*_psg_parts``): the term is ``sum_s g_s``, so its norm, cancellation bound
+    and clipped sum are a bias's; ``shape`` is the parameter's."""
+
+    def __init__(self, g: torch.Tensor, shape, norm=None) -> None:
+        super().__init__(g, norm=norm)
+        self.shape = tuple(shape)
+
+    def raw_dense(self, op):
+        return super().raw_dense(op).reshape(self.g.shape[0], *self.shape)
+
+    def group(self):
+        return "rows_clipped_sum_many", (self.g, self.shape)
 
 
 def _cast(dt, *ts):
@@ -93,8 +109,19 @@ class _NormHandler:
         engine.note_batch(x.shape[0])
 
         def record(x_saved, g):
-            gw, gb = self.psg(engine, module, x_saved, g, need_w, need_b)
+            parts = (self.parts(engine, module, x_saved, g, need_w, need_b)
+                     if engine.defers_norms() else None)
             uses = []
+            if parts is not None:
+                # partial sums, their norms taken at clip time with every other deferred one
+                for param, need, rows in ((w, need_w, parts[0]), (b, need_b, parts[1])):
+                    if need:
+                        (held,) = engine.defer_norm("linear_norms_many",
+                                                    (None, rows, "auto", True), 1)
+                        uses.append((param, PartsUse(rows, param.shape, norm=held)))
+                engine.record(name, x_saved.shape[0], uses)
+                return
+            gw, gb = self.psg(engine, module, x_saved, g, need_w, need_b)
             if need_w:
                 uses.append((w, DenseUse(gw)))
             if need_b:
@@ -107,6 +134,11 @@ class _NormHandler:
         off = torch.autocast(x.device.type, enabled=False)
         with off if dt is not None else contextlib.nullcontext():
             return _NormFn.apply(x, w, b, self.fn(module), dt, record, self.stats(module))
+
+    def parts(self, engine, module, x, g, need_weight: bool, need_bias: bool):
+        """(weight, bias) per-sample terms as partial sums [B, S, N] (None where not needed),
+        or None where the layer has no such op (then ``psg``)."""
+        return None
 
     def stats(self, module):
         """(normalized_shape, eps) where the forward is ``torch.native_layer_norm`` (its
@@ -140,6 +172,10 @@ class LayerNormHandler(_NormHandler):
         return engine.op("layer_norm_psg", x, g, module.normalized_shape, module.eps,
                          need_weight, need_bias)
 
+    def parts(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("layer_norm_psg_parts", x, g, module.normalized_shape, module.eps,
+                         need_weight, need_bias)
+
 
 class RMSNormHandler(_NormHandler):
     types = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -155,6 +191,9 @@ class RMSNormHandler(_NormHandler):
 
     def psg(self, engine, module, x, g, need_weight, need_bias):
         return engine.op("rms_norm_psg", x, g, module.normalized_shape, module.eps), None
+
+    def parts(self, engine, module, x, g, need_weight, need_bias):
+        return engine.op("rms_norm_psg_parts", x, g, module.normalized_shape, module.eps), None
 
 
 class GroupNormHandler(_NormHandler):

@@ -4,4 +4,14 @@ Written to be obviously right (float64-capable, chunked over samples to bound me
 never changed to agree with a kernel.  Importing this package registers the ops.
 """
 
-from dpkernels.reference import bounds, conv, dense, embedding, linear, norms  # noqa: F401
+from dpkernels.reference import (  # noqa: F401
+    bounds,
+    clip_many,
+    conv,
+    dense,
+    embedding,
+    ghost_many,
+    linear,
+    norm_parts,
+    norms,
+)

@@ -1,0 +1,372 @@
+"""The weight and bias norms of every Linear and Embedding use of a micro-batch, one launch
+per kind.
+
+``linear_norms_many`` computes what ``linear_norms`` (ops/linear.py) and ``embedding_norm``
+(ops/embedding.py) compute per layer, for all uses the engine deferred to clip time: one
+launch for the ghost-form Linear uses (T > 1, the same tiled Gram products as
+``_linear_ghost_kernel``), one for the T == 1 uses (products of row norms), one for biases
+alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm layer's per-sample terms
+kept as partial sums), one for Embeddings (the tiled ``sum_{t,s} [x_t = x_s] (g_t.g_s)``), one
+table of addresses and strides for all launches, and one sum of the per-tile partials for all
+of them.  Uses of another form (direct, empty) run ``linear_norms`` one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkernels.dispatch import register
+from dpkernels.ops import embedding, linear
+from dpkernels.ops._common import (
+    INTERPRET,
+    autotune,
+    check_float,
+    dot_precision,
+    gram_tile,
+    same_dtype,
+    upper_pairs,
+    use_reference,
+)
+from dpkernels.reference import ghost_many as ref
+from dpkernels.reference.linear import choose_method
+
+_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_IDS_TYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.int16: tl.int16,
+              torch.int8: tl.int8, torch.uint8: tl.uint8}
+
+# A table row: a's address, strides (b, t, k) and width d; g's address, strides and width p;
+# T; the output row of the weight norm and of the bias norm (-1: none).
+_ROW = 13
+
+
+def _no_spill(configs, named_args, **kwargs):
+    """Drops the configs that spill registers (sm_90, triton 3.6, bench/compile_sm90.py): with
+    float32 operands, 4 warps ("ieee": 56-128 bytes at BLOCK_T 64), BLOCK_K 64 with "tf32x3"
+    (350 bytes) and BLOCK_K 64 at BLOCK_T 32 (4 bytes); with 16-bit operands, BLOCK_K 64 on 4
+    warps."""
+    args = {**named_args, **kwargs}
+    prec, bt = args["PRECISION"], args["BLOCK_T"]
+
+    def fits(c):
+        wide = c.kwargs["BLOCK_K"] > 32
+        if prec == "tf32":  # 16-bit operands
+            return c.num_warps >= 8 or not wide
+        return c.num_warps >= 8 and not (wide and (prec == "tf32x3" or bt < 64))
+
+    return [c for c in configs if fits(c)] or configs[:1]
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ],
+    key=["n_pairs", "BLOCK_T", "PRECISION"],
+    prune_configs_by={"early_config_prune": _no_spill},
+)
+@triton.jit
+def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
+                       TYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sample ``program_id(0)``, use ``program_id(1)``, partial ``q = program_id(2)`` < n_part:
+    tile pair q (i <= j, from the pair table of the longest use of the launch, n_pairs
+    entries; a pair past this use's T, or q >= n_pairs, contributes 0):
+    ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} (a_t.a_s)(g_t.g_s)`` and, with a bias row,
+    ``part[k, b, q] = (1 or 2) sum_{t in i, s in j} g_t.g_s``; off-diagonal pairs count twice."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    q = tl.program_id(2).to(tl.int64)
+    T = tl.load(row + 10)
+    kw = tl.load(row + 11)
+    kb = tl.load(row + 12)
+    qp = tl.minimum(q, n_pairs - 1)
+    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
+    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
+    s = 0.0
+    sb = 0.0
+    if (q < n_pairs) & (tj * BLOCK_T < T):
+        ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        mi = ri < T
+        mj = rj < T
+        a_ptr = tl.load(row + 0).to(tl.pointer_type(TYPE))
+        sab, sat, sak = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+        gram_a = gram_tile(a_ptr, sab, sat, sak, a_ptr, sab, sat, sak, b, ri, rj, mi, mj,
+                           tl.load(row + 4), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
+        g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+        sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+        gram_g = gram_tile(g_ptr, sgb, sgt, sgk, g_ptr, sgb, sgt, sgk, b, ri, rj, mi, mj,
+                           tl.load(row + 9), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
+        twice = tl.where(ti == tj, 1.0, 2.0)
+        s = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0) * twice
+        sb = tl.sum(tl.sum(gram_g, axis=1), axis=0) * twice
+    tl.store(part_ptr + (kw * B + b) * n_part + q, s)
+    if kb >= 0:
+        tl.store(part_ptr + (kb * B + b) * n_part + q, sb)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 256}, num_warps=4),
+        triton.Config({"BLOCK_K": 1024}, num_warps=8),
+    ],
+    key=["TYPE"],
+)
+@triton.jit
+def _row_product_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """T == 1, sample ``program_id(0)``, use ``program_id(1)``: ``part[w, b, 0] = ||a_b||^2
+    ||g_b||^2`` and, with a bias row, ``part[k, b, 0] = ||g_b||^2``."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: k * stride may pass 2^31
+    a_ptr = tl.load(row + 0).to(tl.pointer_type(TYPE))
+    sab, sak, d = tl.load(row + 1), tl.load(row + 3), tl.load(row + 4)
+    sa = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(a_ptr + b * sab + k * sak, mask=k < d, other=0.0).to(tl.float32)
+        sa += x * x
+    g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+    sgb, sgk, p = tl.load(row + 6), tl.load(row + 8), tl.load(row + 9)
+    sg = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_K):
+        k = k0 + ks
+        y = tl.load(g_ptr + b * sgb + k * sgk, mask=k < p, other=0.0).to(tl.float32)
+        sg += y * y
+    g_sq = tl.sum(sg, axis=0)
+    kw = tl.load(row + 11)
+    kb = tl.load(row + 12)
+    _store_first(part_ptr + (kw * B + b) * n_part, tl.sum(sa, axis=0) * g_sq, n_part)
+    if kb >= 0:
+        _store_first(part_ptr + (kb * B + b) * n_part, g_sq, n_part)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ],
+    key=["n_pairs", "BLOCK_T", "PRECISION"],
+    prune_configs_by={"early_config_prune": _no_spill},
+)
+@triton.jit
+def _embedding_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
+                           IDS_TYPE: tl.constexpr, TYPE: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """An Embedding use (ids in the table's a slots, the padding id in slot 4, -1: none), as
+    ``_ghost_many_kernel``: ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} [x_t = x_s]
+    (g_t.g_s)`` over non-padding positions."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    q = tl.program_id(2).to(tl.int64)
+    T = tl.load(row + 10)
+    kw = tl.load(row + 11)
+    qp = tl.minimum(q, n_pairs - 1)
+    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
+    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
+    s = 0.0
+    if (q < n_pairs) & (tj * BLOCK_T < T):
+        ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        mi = ri < T
+        mj = rj < T
+        ids_ptr = tl.load(row + 0).to(tl.pointer_type(IDS_TYPE))
+        sib, sit, pad = tl.load(row + 1), tl.load(row + 2), tl.load(row + 4)
+        xi = tl.load(ids_ptr + b * sib + ri * sit, mask=mi, other=0).to(tl.int64)  # [BT]
+        xj = tl.load(ids_ptr + b * sib + rj * sit, mask=mj, other=0).to(tl.int64)  # [BT]
+        eq = (xi[:, None] == xj[None, :]) & mi[:, None] & mj[None, :] & (xi[:, None] != pad)
+        g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+        sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+        gram = gram_tile(g_ptr, sgb, sgt, sgk, g_ptr, sgb, sgt, sgk, b, ri, rj, mi, mj,
+                         tl.load(row + 9), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
+        s = tl.sum(tl.sum(tl.where(eq, gram, 0.0), axis=1), axis=0) * tl.where(ti == tj, 1.0,
+                                                                               2.0)
+    tl.store(part_ptr + (kw * B + b) * n_part + q, s)
+
+
+@triton.jit
+def _store_first(ptr, value, n_part):
+    """``ptr[0] = value`` and ``ptr[1:n_part] = 0``: a use with a single partial."""
+    tl.store(ptr, value)
+    for q in range(1, n_part):
+        tl.store(ptr + q, 0.0)
+
+
+@autotune(
+    [
+        triton.Config({"BLOCK_P": 128}, num_warps=4),
+        triton.Config({"BLOCK_P": 512}, num_warps=4),
+    ],
+    key=["TYPE"],
+)
+@triton.jit
+def _bias_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
+                      BLOCK_P: tl.constexpr):
+    """A bias alone, sample ``program_id(0)``, use ``program_id(1)``: ``part[k, b, 0] =
+    ||sum_t g_bt||^2`` (a sum over t for every column, then the squares)."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+    sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+    p, T = tl.load(row + 9), tl.load(row + 10)
+    ks = tl.arange(0, BLOCK_P).to(tl.int64)
+    sq = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_P):
+        k = k0 + ks
+        col = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for t in range(0, T):
+            col += tl.load(g_ptr + b * sgb + t * sgt + k * sgk, mask=k < p,
+                           other=0.0).to(tl.float32)
+        sq += col * col
+    _store_first(part_ptr + (tl.load(row + 12) * B + b) * n_part, tl.sum(sq, axis=0), n_part)
+
+
+def _block_t(T: int) -> int:
+    """The Gram tile width ``linear_norms`` uses: 64 on the GPU when T fills it, else 32 (the
+    interpreter always uses 32 so that small test shapes span several tiles)."""
+    return 64 if (not INTERPRET and T >= 64) else 32
+
+
+def _note_cost(nbytes: float, flops: float) -> None:
+    """bench/trace_step.py replaces this to cost the next launch it records (the bytes and
+    FLOPs of a table-driven launch depend on the table's contents, which a traced launch
+    cannot read)."""
+
+
+
+
+@register("linear_norms_many", "triton")
+def linear_norms_many(items: list) -> torch.Tensor:
+    """[rows, B] float32 ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
+    with_bias)`` of ``items`` (weight row, then the bias row when with_bias; ``a`` None: the
+    bias row alone): one launch per kind (ghost, T == 1, bias alone) and dtype, one sum over
+    the tile partials."""
+    B, n_rows = ref.check_items("linear_norms_many", items)
+    if any(use_reference(a, g) for a, g, _, _ in items):
+        return ref.linear_norms_many(items)
+    device = items[0][1].device
+    out_rows = ref.out_rows(items)
+    ghost: dict[tuple, list] = {}  # (dtype, BLOCK_T) -> table rows
+    prods: dict[torch.dtype, list] = {}  # T == 1: dtype -> table rows
+    biases: dict[torch.dtype, list] = {}  # a bias alone: dtype -> table rows
+    embs: dict[tuple, list] = {}  # (ids dtype, dtype, BLOCK_T) -> table rows
+    alone: list[int] = []  # items computed by linear_norms one by one
+    keep = []  # operands cast here must live until their launch
+    n_tiles: dict[tuple, int] = {}  # the most t-tiles of a use of the launch
+    cost: dict = {}  # launch key -> [bytes of the operands, FLOPs]
+    for i, (a, g, method, with_bias) in enumerate(items):
+        if method == "embedding":
+            check_float("linear_norms_many", g)
+            T, p = g.shape[1], g.shape[2]
+            if B == 0 or T == 0 or p == 0 or a.dtype not in _IDS_TYPES:
+                alone.append(i)
+                continue
+            bt = _block_t(T)
+            key = ("embedding", a.dtype, g.dtype, bt)
+            pad = -1 if with_bias is None else int(with_bias)
+            embs.setdefault(key, []).append(
+                [a.data_ptr(), a.stride(0), a.stride(1), 0, pad, g.data_ptr(), g.stride(0),
+                 g.stride(1), g.stride(2), p, T, out_rows[i][0], -1])
+            n = triton.cdiv(T, bt)
+            n_tiles[key] = max(n_tiles.get(key, 0), n)
+            c = cost.setdefault(key, [0.0, 0.0])
+            c[0] += a.numel() * a.element_size() + g.numel() * g.element_size()
+            c[1] += B * n * (n + 1) // 2 * 2.0 * bt * bt * p
+            continue
+        if a is None:
+            check_float("linear_norms_many", g)
+            if B and g.shape[1] and g.shape[2]:
+                biases.setdefault(g.dtype, []).append(
+                    [0, 0, 0, 0, 0, g.data_ptr(), g.stride(0), g.stride(1), g.stride(2),
+                     g.shape[2], g.shape[1], -1, out_rows[i][1]])
+                c = cost.setdefault(("bias", g.dtype), [0.0, 0.0])
+                c[0] += g.numel() * g.element_size()
+            else:
+                alone.append(i)
+            continue
+        check_float("linear_norms_many", a, g)
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        if B == 0 or T == 0 or d == 0 or p == 0:
+            alone.append(i)
+            continue
+        if T > 1 and (choose_method(T, d, p) if method == "auto" else method) != "ghost":
+            alone.append(i)
+            continue
+        a, g = same_dtype(a, g)
+        keep.append((a, g))
+        kw, kb = out_rows[i]
+        entry = [a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), d,
+                 g.data_ptr(), g.stride(0), g.stride(1), g.stride(2), p, T, kw, kb]
+        if T == 1:
+            prods.setdefault(a.dtype, []).append(entry)
+            c = cost.setdefault(a.dtype, [0.0, 0.0])
+            c[0] += (a.numel() + g.numel()) * a.element_size()
+            continue
+        bt = _block_t(T)
+        key = (a.dtype, bt)
+        ghost.setdefault(key, []).append(entry)
+        n = triton.cdiv(T, bt)
+        n_tiles[key] = max(n_tiles.get(key, 0), n)
+        c = cost.setdefault(key, [0.0, 0.0])
+        c[0] += (a.numel() + g.numel()) * a.element_size()
+        c[1] += B * n * (n + 1) // 2 * 2.0 * bt * bt * (d + p)
+    n_pairs = {k: n * (n + 1) // 2 for k, n in n_tiles.items()}
+    # every launch writes all n_part partials of its rows (0 where it has none)
+    n_part = max([1, *n_pairs.values()])
+    part = torch.empty(n_rows, B, n_part, dtype=torch.float32, device=device)
+    # the rows of every launch in one table: one host-to-device copy, a slice per launch
+    launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values()]
+    starts = [0]
+    for rows in launches:
+        starts.append(starts[-1] + len(rows))
+    table = None
+    if launches:
+        table = torch.tensor([r for rows in launches for r in rows],
+                             dtype=torch.int64).to(device, non_blocking=True)
+    slices = iter([table[a:b] for a, b in zip(starts, starts[1:])])
+    for (dt, bt), rows in ghost.items():
+        pairs = upper_pairs(n_tiles[(dt, bt)], device)
+        _note_cost(*cost[(dt, bt)])
+        _ghost_many_kernel[(B, len(rows), n_part)](
+            table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
+            n_pairs=n_pairs[(dt, bt)], n_part=n_part, TYPE=_TYPES[dt], UPCAST=INTERPRET,
+            PRECISION=dot_precision(dt), BLOCK_T=bt)
+    for (_, it, dt, bt), rows in embs.items():
+        key = ("embedding", it, dt, bt)
+        pairs = upper_pairs(n_tiles[key], device)
+        _note_cost(*cost[key])
+        _embedding_many_kernel[(B, len(rows), n_part)](
+            table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
+            n_pairs=n_pairs[key], n_part=n_part, IDS_TYPE=_IDS_TYPES[it], TYPE=_TYPES[dt],
+            UPCAST=INTERPRET, PRECISION=dot_precision(dt), BLOCK_T=bt)
+    for dt, rows in prods.items():
+        _note_cost(*cost[dt])
+        _row_product_many_kernel[(B, len(rows))](
+            table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
+            TYPE=_TYPES[dt])
+    for dt, rows in biases.items():
+        _note_cost(*cost[("bias", dt)])
+        _bias_many_kernel[(B, len(rows))](
+            table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
+            TYPE=_TYPES[dt])
+    out = part.view(n_rows, B) if n_part == 1 else part.sum(-1)
+    for i in alone:
+        a, g, method, with_bias = items[i]
+        kw, kb = out_rows[i]
+        if method == "embedding":
+            out[kw].copy_(embedding.embedding_norm(a, g, with_bias))
+            continue
+        if a is None:
+            out[kb].copy_(linear.linear_bias_norm(g))
+            continue
+        w, b = linear.linear_norms(a, g, method, bool(with_bias))
+        out[kw].copy_(w)
+        if with_bias:
+            out[kb].copy_(b)
+    return out

@@ -1,0 +1,102 @@
+"""The weight (and bias) norms of every Linear use of a micro-batch in one call.
+
+The engine takes these norms at clip time, when every use's inputs ``a`` [B, T, d] and
+backprops ``g`` [B, T, p] are in hand (the fast mode keeps them until the clipped sums anyway),
+so that a kernel can compute all of them in one launch instead of one launch and one
+partial-sum pass per layer during the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpkernels.dispatch import register
+from dpkernels.reference.embedding import embedding_norm
+from dpkernels.reference.linear import linear_bias_norm, linear_norms
+
+
+def check_items(name: str, items: list) -> tuple[int, int]:
+    """(batch size, number of output rows) of ``items`` [(a, g, method, with_bias), ...],
+    checked."""
+    if not items:
+        raise ValueError(f"dpkernels.ops.{name}: no inputs")
+    first = items[0][1]
+    B = first.shape[0] if isinstance(first, torch.Tensor) else None
+    rows = 0
+    for i, item in enumerate(items):
+        if len(item) != 4:
+            raise ValueError(f"dpkernels.ops.{name}: input {i} is not (a, g, method, "
+                             "with_bias)")
+        a, g, method, with_bias = item
+        if method == "embedding":  # (ids [B, T], g [B, T, p], "embedding", padding_idx)
+            if (not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor)
+                    or a.dim() != 2 or g.dim() != 3 or a.shape != g.shape[:2]
+                    or a.shape[0] != B):
+                raise ValueError(
+                    f"dpkernels.ops.{name}: input {i} (embedding) has shapes "
+                    f"{tuple(getattr(a, 'shape', ()))} and {tuple(getattr(g, 'shape', ()))}, "
+                    f"expected ids [{B}, T] and g [{B}, T, p]")
+            if a.is_floating_point() or a.is_complex():
+                raise TypeError(f"dpkernels.ops.{name}: input {i}: ids must be integers, got "
+                                f"{a.dtype}")
+            rows += 1
+            continue
+        if a is None and not with_bias:
+            raise ValueError(f"dpkernels.ops.{name}: input {i} has neither a weight (a is "
+                             "None) nor a bias (with_bias is false)")
+        if a is None:  # a bias alone: a stands in for its shape
+            a = g
+        if (not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor) or a.dim() != 3
+                or g.dim() != 3 or a.shape[:2] != g.shape[:2] or a.shape[0] != B):
+            raise ValueError(
+                f"dpkernels.ops.{name}: input {i} has shapes "
+                f"{tuple(getattr(a, 'shape', ()))} and {tuple(getattr(g, 'shape', ()))}, "
+                f"expected a [{B}, T, d] and g [{B}, T, p]")
+        if method not in ("auto", "ghost", "direct"):
+            raise ValueError(f"dpkernels.ops.{name}: input {i}: method must be 'auto', "
+                             f"'ghost' or 'direct', got {method!r}")
+        rows += (item[0] is not None) + bool(with_bias)
+    return B, rows
+
+
+def out_rows(items: list) -> list[tuple[int, int]]:
+    """(weight row or -1, bias row or -1) of every item in the [rows, B] output (an
+    embedding's norm is a weight row)."""
+    out, r = [], 0
+    for a, _, method, with_bias in items:
+        if method == "embedding":
+            out.append((r, -1))
+            r += 1
+            continue
+        w = -1 if a is None else r
+        r += a is not None
+        out.append((w, r if with_bias else -1))
+        r += bool(with_bias)
+    return out
+
+
+@register("linear_norms_many", "reference")
+def linear_norms_many(items: list) -> torch.Tensor:
+    """[rows, B] ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
+    with_bias)`` of ``items``: the weight norm ``||sum_t g_t a_t^T||^2``, then, with_bias, the
+    bias norm ``||sum_t g_t||^2`` on the next row; ``a`` None: the bias norm alone (a Linear
+    with a frozen weight, or rows of partial sums such as a norm layer's); ``(ids, g,
+    "embedding", padding_idx)``: an Embedding's ``embedding_norm(ids, g, padding_idx)``.
+    float32 (float64 when an input is)."""
+    check_items("linear_norms_many", items)
+    parts = []
+    for a, g, method, with_bias in items:
+        if method == "embedding":
+            parts.append(embedding_norm(a, g, with_bias))
+            continue
+        if a is None:
+            parts.append(linear_bias_norm(g))
+            continue
+        w, b = linear_norms(a, g, method, bool(with_bias))
+        parts.append(w)
+        if with_bias:
+            parts.append(b)
+    dt = parts[0].dtype
+    for t in parts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.stack([t.to(dt) for t in parts])

@@ -1,0 +1,206 @@
+"""The grouped Linear norms (``linear_norms_many``: the weight and bias norms of every Linear
+use of a micro-batch, one launch per kind) against the reference ``linear_norms`` per use,
+through Triton's interpreter; tolerance rule of tests/kernel_check.py."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernel_check import DEVICE, check, on_device, poison  # noqa: E402, F401
+from torch import nn  # noqa: E402
+
+import dpkernels  # noqa: E402
+from dpkernels import dispatch  # noqa: E402
+from dpkernels.ops import ghost_many  # noqa: E402
+from dpkernels.reference import embedding as ref_emb  # noqa: E402
+from dpkernels.reference import ghost_many as ref_many  # noqa: E402
+from dpkernels.reference import linear as ref  # noqa: E402
+
+
+def _items(B):
+    g_t = torch.randn(B, 9, 40).transpose(1, 2)  # [B, 40, 9], strided like a conv backprop
+    ids = torch.randint(0, 5, (B, 40))  # few ids: many equal pairs
+    ids[:, -3:] = 0
+    return [
+        (torch.randn(B, 40, 5), torch.randn(B, 40, 7), "ghost", True),  # 2 tiles of 32
+        (torch.randn(B, 70, 3), torch.randn(B, 70, 4), "auto", False),  # 3 tiles, ghost
+        (torch.randn(B, 33, 6), g_t[:, :33], "ghost", True),
+        (torch.randn(B, 1, 70), torch.randn(B, 1, 2), "auto", True),  # T = 1
+        (torch.randn(B, 1, 4), torch.randn(B, 1, 300), "ghost", False),  # T = 1, wide g
+        (torch.randn(B, 5, 3).to(torch.bfloat16), torch.randn(B, 5, 4).to(torch.bfloat16),
+         "ghost", True),
+        (torch.randn(B, 6, 4), torch.randn(B, 6, 5).to(torch.bfloat16), "ghost", True),  # mixed
+        (torch.randn(B, 9, 3), torch.randn(B, 9, 2), "direct", True),  # not the ghost form
+        (torch.randn(B, 0, 3), torch.randn(B, 0, 2), "auto", True),  # T = 0
+        (torch.randn(B, 4, 0), torch.randn(B, 4, 3), "auto", True),  # d = 0: a bias only
+        (torch.randn(B, 6, 2, 8)[:, :, 1], torch.randn(B, 6, 5), "ghost", False),  # strided a
+        (None, torch.randn(B, 7, 2, 9)[:, :, 1], "auto", True),  # a bias alone, strided
+        (None, torch.randn(B, 1, 300), "auto", True),  # a bias alone, T = 1
+        (None, torch.randn(B, 0, 3), "auto", True),  # a bias alone, T = 0
+        (ids, torch.randn(B, 40, 6), "embedding", 0),  # an Embedding with a padding id
+        (ids[:, :33].to(torch.int32), torch.randn(B, 33, 5), "embedding", None),
+        (ids[:, :1], torch.randn(B, 1, 4), "embedding", None),  # T = 1
+        (ids[:, :0], torch.randn(B, 0, 4), "embedding", 2),  # T = 0
+    ]
+
+
+def _expected(items, dt):
+    rows = []
+    for a, g, method, with_bias in items:
+        if method == "embedding":
+            rows.append(ref_emb.embedding_norm(a, g.to(dt), with_bias))
+            continue
+        if a is None:
+            rows.append(ref.linear_bias_norm(g.to(dt)))
+            continue
+        w, b = ref.linear_norms(a.to(dt), g.to(dt), method, with_bias)
+        rows += [w] + ([b] if with_bias else [])
+    return rows
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_linear_norms_many(B):
+    torch.manual_seed(B)
+    items = _items(B)
+    out = ghost_many.linear_norms_many(items)
+    exp64, exp32 = _expected(items, torch.float64), _expected(items, torch.float32)
+    assert out.shape == (len(exp64), B)
+    for r, (e64, e32) in enumerate(zip(exp64, exp32)):
+        check(out[r], e64, e32, f"row {r}")
+
+
+@pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3], [11], [1, 11, 12], [14],
+                                   [1, 14, 15, 16]],
+                         ids=["ghost", "ghost-2T", "rows", "ghost+rows", "bias", "ghost+biases",
+                              "embedding", "ghost+embeddings"])
+def test_linear_norms_many_one_kind(which):
+    """Each launch alone and in the combinations that decide whether unwritten partials are
+    zeroed (one ghost width, two widths, T == 1 only, T == 1 beside ghost)."""
+    torch.manual_seed(7)
+    items = [_items(4)[i] for i in which]
+    out = ghost_many.linear_norms_many(items)
+    for r, (e64, e32) in enumerate(zip(_expected(items, torch.float64),
+                                       _expected(items, torch.float32))):
+        check(out[r], e64, e32, f"row {r}")
+
+
+def test_linear_norms_many_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="input 1 has shapes"):
+        ghost_many.linear_norms_many([(torch.randn(2, 3, 4), torch.randn(2, 3, 5), "auto", 0),
+                                      (torch.randn(3, 3, 4), torch.randn(3, 3, 5), "auto", 0)])
+    with pytest.raises(ValueError, match="no inputs"):
+        ghost_many.linear_norms_many([])
+    with pytest.raises(ValueError, match="embedding"):
+        ghost_many.linear_norms_many([(torch.zeros(2, 4, dtype=torch.long), torch.randn(2, 3, 5),
+                                       "embedding", None)])
+    with pytest.raises(TypeError, match="ids must be integers"):
+        ghost_many.linear_norms_many([(torch.zeros(2, 3), torch.randn(2, 3, 5), "embedding",
+                                       None)])
+    with pytest.raises(ValueError, match="neither a weight"):
+        ghost_many.linear_norms_many([(None, torch.randn(2, 3, 5), "auto", False)])
+    with pytest.raises(ValueError, match="method must be"):
+        ghost_many.linear_norms_many([(torch.randn(2, 3, 4), torch.randn(2, 3, 5), "gram", 0)])
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ghost_many.linear_norms_many([(torch.ones(2, 3, 4, dtype=torch.int32),
+                                       torch.ones(2, 3, 5, dtype=torch.int32), "auto", 0)])
+
+
+def test_linear_norms_many_float64_is_the_reference():
+    items = [(torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5,
+                                                                      dtype=torch.float64),
+              "auto", True)]
+    out = ghost_many.linear_norms_many(items)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_many.linear_norms_many(items), rtol=0, atol=0)
+
+
+def test_linear_norms_many_resolves_to_triton():
+    fn, backend = dispatch.resolve("linear_norms_many", "triton", DEVICE)
+    assert backend == "triton" and fn.__module__.startswith("dpkernels.ops")
+
+
+class Net(nn.Module):
+    """Linears with and without a bias, one whose weight is frozen (bias only), one used
+    twice (cross terms), T = 1 and T = 33 inputs (two Gram tiles)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.nob = nn.Linear(d, d, bias=False)
+        self.frozen = nn.Linear(d, d)
+        self.frozen.weight.requires_grad_(False)
+        self.twice = nn.Linear(d, d)
+        self.pool = nn.Linear(d, 3)
+
+    def forward(self, x):  # [B, T, d]
+        h = torch.tanh(self.twice(torch.tanh(self.twice(self.nob(self.fc(x))))))
+        h = self.frozen(h)
+        return self.pool(h.mean(1))  # T = 1 (a [B, d] input)
+
+
+def _norms(backend, dtype, defer, monkeypatch, twice, method, net):
+    from dpkernels.engine import Engine
+
+    with monkeypatch.context() as mp:
+        if not defer:
+            mp.setattr(Engine, "defers_norms", lambda self: False)
+        torch.manual_seed(0)
+        if net == "embedding":
+            model = nn.Sequential(nn.Embedding(11, 6, padding_idx=0), nn.Linear(6, 3)).to(dtype)
+            inp = torch.randint(0, 4, (2, 33))  # few ids: many equal pairs
+            inp[:, -2:] = 0
+        else:
+            model = (Net() if net == "net" else nn.Sequential(nn.Linear(6, 6), nn.Tanh(),
+                                                               nn.Linear(6, 3))).to(dtype)
+            inp = torch.randn(2, 33, 6, dtype=dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0,
+                                    loss_reduction="sum", backend=backend, seed=0,
+                                    norm_method=method)
+        try:
+            out = model(inp)
+            if twice:  # two backwards of one forward: the second use of each parameter
+                out.sum().backward(retain_graph=True)
+            out.square().sum().backward()
+            engine = model._dpkernels_engine
+            assert bool(engine._deferred) == (defer and not twice)  # twice: taken already
+            if net != "net" and defer:  # every norm from one grouped op: its one sum
+                assert all(type(t).__name__ == "_Pending" for t in engine._norm_parts)
+            got = engine.norm_sq.clone(), engine.err_sq().clone()
+            dp.step()
+            return got
+        finally:
+            dpkernels.detach(model)
+
+
+@pytest.mark.parametrize("backend,dtype,twice,method,net", [
+    ("reference", torch.float64, False, "auto", "net"),
+    ("reference", torch.float64, True, "auto", "net"),
+    ("reference", torch.float64, False, "ghost", "net"),
+    ("reference", torch.float64, False, "auto", "linears"),
+    ("triton", torch.float32, False, "ghost", "net"),  # the kernels (two Gram tiles, T = 1)
+    ("triton", torch.float32, False, "ghost", "linears"),
+    ("reference", torch.float64, False, "auto", "embedding"),
+    ("triton", torch.float32, False, "auto", "embedding"),
+], ids=["reference", "reference-two-backwards", "reference-ghost", "reference-linears",
+        "triton-ghost", "triton-linears", "reference-embedding", "triton-embedding"])
+def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method, net,
+                                                    monkeypatch):
+    """The fast mode defers the Linear norms to one linear_norms_many call at clip time; the
+    squared norms and their cancellation bounds must be the ones computed during the backward.
+    The reference computes the same operations in the same order (identical results); the
+    Triton kernels compute the same tile products and add the per-tile partials of every use
+    in one sum instead of one per use, another order of at most a few dozen float32 additions:
+    64 unit roundoffs, relatively."""
+    want = _norms(backend, dtype, False, monkeypatch, twice, method, net)
+    got = _norms(backend, dtype, True, monkeypatch, twice, method, net)
+    rtol = 0.0 if dtype == torch.float64 else 64 * 2.0**-24
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=0)
