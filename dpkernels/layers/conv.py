@@ -63,9 +63,9 @@ class ConvUse(Use):
     def raw_norm(self, op: Op) -> torch.Tensor:
         return op("conv_norm", self.x, self.g, self.weight_shape, *self.conf, self.method)
 
-    def group_magnitudes(self) -> torch.Tensor:
-        """[B, G] ``S_bj = sum_t |patch_t| |g_t|`` per group j (cancellation bound, base.py):
-        patch norms from a convolution of ``x^2`` with a kernel of ones, never an unfold."""
+    def _row_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, G, T] norms of the input patches (a convolution of ``x^2`` with a kernel of
+        ones, never an unfold) and of the backprop rows, per group, in float32 or wider."""
         stride, padding, dilation, G = self.conf
         dt = torch.promote_types(self.x.dtype, torch.float32)
         x2 = self.x.to(dt).square()
@@ -74,24 +74,22 @@ class ConvUse(Use):
         patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
         B = self.x.shape[0]
         T = math.prod(self.g.shape[2:])  # not -1: ambiguous when B = 0
-        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)  # [B, G, T]
-        return (patch.reshape(B, G, T) * gn).sum(-1)
+        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)
+        return patch.reshape(B, G, T), gn
+
+    def group_magnitudes(self) -> torch.Tensor:
+        """[B, G] ``S_bj = sum_t |patch_t| |g_t|`` per group j (cancellation bound, base.py)."""
+        patch, gn = self._row_norms()
+        return (patch * gn).sum(-1)
 
     def magnitude(self) -> torch.Tensor:
         return self.group_magnitudes().sum(1)
 
     def underflow_sums(self):
         """Per group j: X = sum_t |g_tj|, Y = sum_t |patch_tj| (``underflow_own``)."""
-        stride, padding, dilation, G = self.conf
-        dt = torch.promote_types(self.x.dtype, torch.float32)
-        x2 = self.x.to(dt).square()
-        ones = torch.ones(G, *self.weight_shape[1:], dtype=dt, device=x2.device)
-        conv = (F.conv1d, F.conv2d, F.conv3d)[x2.dim() - 3]
-        patch = conv(x2, ones, None, stride, padding, dilation, G).clamp_min(0).sqrt()
-        B = self.x.shape[0]
-        T = math.prod(self.g.shape[2:])
-        gn = self.g.to(dt).reshape(B, G, self.g.shape[1] // G, T).norm(dim=2)  # [B, G, T]
-        return (gn.sum(-1), patch.reshape(B, G, T).sum(-1), self.weight_shape[0] // G,
+        patch, gn = self._row_norms()
+        G = self.conf[3]
+        return (gn.sum(-1), patch.sum(-1), self.weight_shape[0] // G,
                 math.prod(self.weight_shape[1:]), underflow_eta(self.x.dtype, self.g.dtype))
 
     def kappa(self) -> int:

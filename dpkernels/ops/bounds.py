@@ -85,6 +85,23 @@ def magnitude_many(items: list) -> torch.Tensor:
 
 
 @triton.jit
+def clip_factor(n, norms, loss_scale, one_plus_margin, max_grad_norm):
+    """The clip factors of a block of samples and whether each is finite, from ``n`` (the
+    squared norm plus its error bounds, >= 0 or NaN) and ``norms``: the reference
+    ``clip_factors`` rules in float32 with correctly rounded sqrt and division.  Every clip
+    kernel calls this one function, so the privacy rules live in one place."""
+    bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
+    fac = tl.div_rn(tl.zeros_like(n) + max_grad_norm, bound + 1e-6)
+    fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
+    # subnormal factors are rounded beyond the margin (reference): 0
+    fac = tl.where(fac < 1.1754943508222875e-38, 0.0, fac)
+    # the bound too (reference: a NaN bound with a finite norm must not give a NaN factor)
+    finite = ((norms == norms) & (tl.abs(norms) != float("inf"))
+              & (bound == bound) & (tl.abs(bound) != float("inf")))
+    return tl.where(finite, fac, 0.0), finite
+
+
+@triton.jit
 def _clip_factors_kernel(nsq_ptr, err_ptr, norms_ptr, fac_ptr, ok_ptr, B, loss_scale,
                          one_plus_margin, max_grad_norm, HAS_ERR: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -100,15 +117,7 @@ def _clip_factors_kernel(nsq_ptr, err_ptr, norms_ptr, fac_ptr, ok_ptr, B, loss_s
         norms = tl.sqrt_rn(n) * loss_scale
         if HAS_ERR:
             n = n + tl.load(err_ptr + b, mask=m, other=0.0)
-        bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
-        fac = tl.div_rn(tl.full([BLOCK], max_grad_norm, tl.float32), bound + 1e-6)
-        fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
-        # subnormal factors are rounded beyond the margin (reference): 0
-        fac = tl.where(fac < 1.1754943508222875e-38, 0.0, fac)
-        # the bound too (reference: a NaN bound with a finite norm must not give a NaN factor)
-        finite = ((norms == norms) & (tl.abs(norms) != float("inf"))
-                  & (bound == bound) & (tl.abs(bound) != float("inf")))
-        fac = tl.where(finite, fac, 0.0)
+        fac, finite = clip_factor(n, norms, loss_scale, one_plus_margin, max_grad_norm)
         cnt += tl.where(m & (finite == 0), 1, 0)
         tl.store(norms_ptr + b, norms, mask=m)
         tl.store(fac_ptr + b, fac, mask=m)

@@ -1,7 +1,7 @@
 """A micro-batch's clip factors from the parts of its squared norms and of their error bounds,
 in one launch: the sum of the norm contributions, the deferred cancellation bounds
 (``stacked_bounds``: a dozen small torch ops), the other bounds, ``clip_factors`` (the same
-arithmetic as ops/bounds.py's ``_clip_factors_kernel``) and the factors times the loss scale
+rules, ops/bounds.py's ``clip_factor``) and the factors times the loss scale
 that the clipped sums take."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from dpkernels.dispatch import register
+from dpkernels.ops.bounds import clip_factor
 from dpkernels.reference import clip_many as ref
 
 
@@ -61,15 +62,7 @@ def _clip_from_parts_kernel(parts_ptr, U, err_ptr, E, m_ptr, own_ptr, V, tab_ptr
                 S2 = tl.where(r2 >= 0, S2, 1.0)
                 own = own + tl.load(t + 2) * S1 * S2  # k first, as the reference
             n = n + (err + own)
-        bound = (tl.sqrt_rn(n) * loss_scale) * one_plus_margin
-        fac = tl.div_rn(tl.full([BLOCK], max_grad_norm, tl.float32), bound + 1e-6)
-        fac = tl.where(fac > 1.0, 1.0, fac)  # clamp(max=1), NaN stays NaN
-        # subnormal factors are rounded beyond the margin (reference clip_factors): 0
-        fac = tl.where(fac < 1.1754943508222875e-38, 0.0, fac)
-        # the bound too: a NaN bound with a finite norm gives 0, not a NaN factor
-        finite = ((norms == norms) & (tl.abs(norms) != float("inf"))
-                  & (bound == bound) & (tl.abs(bound) != float("inf")))
-        fac = tl.where(finite, fac, 0.0)
+        fac, finite = clip_factor(n, norms, loss_scale, one_plus_margin, max_grad_norm)
         cnt += tl.where(m & (finite == 0), 1, 0)
         tl.store(nsq_ptr + b, nsq, mask=m)
         tl.store(norms_ptr + b, norms, mask=m)
