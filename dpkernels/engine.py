@@ -16,6 +16,7 @@ import contextlib
 import copy
 import inspect
 import math
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -112,6 +113,7 @@ class Engine:
         self._mag_keys: dict[tuple, int] = {}  # (id(a) | None, id(g)) -> row
         self._err_own: list[tuple] = []  # (row, kappa u, (T + 16) u, norm_sq): stacked_bounds
         self._err_cross: list[tuple] = []  # (row, row', 2 max(kappa, kappa') u)
+        self._fused_M: torch.Tensor | None = None  # those rows from linear_norms_many, if so
         self.batch_size: int | None = None
         self.first_module: str | None = None
         # The micro-batch size of the forward pass in progress, from the first captured input
@@ -413,12 +415,20 @@ class Engine:
         self._deferred.setdefault(op, []).append((operands, held))
         return held
 
-    def _take_deferred(self) -> list[tuple[torch.Tensor, list[_Pending]]]:
-        """Run the deferred grouped ops: ([rows, B] output, its rows' holders) per op."""
+    def _take_deferred(self, mags: list | None = None
+                       ) -> list[tuple[torch.Tensor, list[_Pending]]]:
+        """Run the deferred grouped ops: ([rows, B] output, its rows' holders) per op.
+        ``mags`` (from ``_fused_magnitudes``): linear_norms_many also outputs these magnitude
+        rows, kept in ``self._fused_M`` [len(mags), B] (the rows of ``self._mag_items``)."""
         deferred, self._deferred = self._deferred, {}
         taken = []
         for name, items in deferred.items():
-            block = self.op(name, [ops for ops, _ in items])
+            if mags and name == "linear_norms_many":
+                out = self.op(name, [ops for ops, _ in items], mags)
+                n = out.shape[0] - len(mags)
+                block, self._fused_M = out[:n], out[n:]
+            else:
+                block = self.op(name, [ops for ops, _ in items])
             held = [h for _, hs in items for h in hs]
             for h, row in zip(held, block.unbind(0)):
                 h.value = row
@@ -429,6 +439,36 @@ class Engine:
                 use.norm = use.norm.value
         self._pending_uses = []
         return taken
+
+    def _fused_magnitudes(self) -> list[tuple[int, str]] | None:
+        """The deferred magnitudes (``self._mag_items``, in order) as ``linear_norms_many``
+        magnitude rows ``(item, "a" | "g" | "ag")``, when every one of them is of a T == 1
+        Linear use deferred to it and not yet taken (the MLP case: the T == 1 kernel has the
+        row norms ``||a||``, ``||g||`` in hand, so ``magnitude_many``, its table copy and its
+        sum are not needed); None otherwise (``magnitude_many`` takes them)."""
+        if not self._mag_items or list(self._deferred) != ["linear_norms_many"]:
+            return None
+        # the operands are kept alive by self._deferred and self._mag_items: ids are unique
+        single: dict[int, tuple[int, str]] = {}
+        pairs: dict[tuple[int, int], int] = {}
+        for i, (ops, _) in enumerate(self._deferred["linear_norms_many"]):
+            a, g, method = ops[0], ops[1], ops[2]
+            if method == "embedding" or a is None or a.dim() != 3 or a.shape[1] != 1:
+                continue
+            single.setdefault(id(a), (i, "a"))
+            single.setdefault(id(g), (i, "g"))
+            pairs.setdefault((id(a), id(g)), i)
+        mags = []
+        for a, g in self._mag_items:
+            if a is None:
+                hit = single.get(id(g))
+            else:
+                i = pairs.get((id(a), id(g)))
+                hit = None if i is None else (i, "ag")
+            if hit is None:
+                return None
+            mags.append(hit)
+        return mags
 
     def _value(self, norm):
         """``norm``, or the tensor of a deferred one (computing the deferred norms)."""
@@ -595,7 +635,7 @@ class Engine:
         self.norm_sq = None
         self._err_terms, self._err_parts = [], []
         self._mag_items, self._mag_rows, self._err_own, self._err_cross = [], {}, [], []
-        self._mag_keys = {}
+        self._mag_keys, self._fused_M = {}, None
         self.batch_size = None
         self.first_module = None
         self.bad_samples = None
@@ -618,12 +658,14 @@ class Engine:
             self._norm_sq = block.sum(0)
         return self._norm_sq
 
-    def _norm_block(self, rows: list | None = None) -> torch.Tensor | None:
+    def _norm_block(self, rows: list | None = None, mags: list | None = None
+                    ) -> torch.Tensor | None:
         """[U, B] contributions to ``norm_sq`` not summed yet (the current ``norm_sq`` first, if
-        any), taking the deferred norms; None when there are none.  Clears them.  ``rows``:
-        extended with the U tensors the block's rows are, in order."""
+        any), taking the deferred norms (with the magnitude rows ``mags``: ``_take_deferred``);
+        None when there are none.  Clears them.  ``rows``: extended with the U tensors the
+        block's rows are, in order."""
         rows = [] if rows is None else rows
-        taken = self._take_deferred() if self._deferred else []
+        taken = self._take_deferred(mags) if self._deferred else []
         if (len(taken) == 1 and self._norm_sq is None and not self._norm_rows
                 and list(map(id, taken[0][1])) == list(map(id, self._norm_parts))):
             # every contribution is a row of one grouped op's output: no stack
@@ -665,9 +707,49 @@ class Engine:
             return parts[0]
         return torch.stack([t.to(parts[-1].dtype) for t in parts]).sum(0)
 
+    def _stage_tables(self) -> None:
+        """On the Triton backend, stage the tables of the ops that follow the deferred norms
+        (ops/_common.py ``stage_table``): the clip op's bounds table and the weights'
+        clipped-sum scaling tables, so that they ride along the norms' table copy (one
+        host-to-device copy instead of three).  Each op still checks that its own table has
+        exactly the staged bytes, and uploads its own otherwise."""
+        common = sys.modules.get("dpkernels.ops._common")
+        if common is not None:
+            common.drop_staged()
+        if not self._deferred:
+            return
+        items = next(iter(self._deferred.values()))
+        x = items[0][0][1]  # a g of the first deferred use: its device
+        if not isinstance(x, torch.Tensor) or dispatch.resolve(
+                "linear_norms_many", self.backend, x.device.type)[1] != "triton":
+            return
+        from dpkernels.ops import _common, linear
+        from dpkernels.reference.clip_many import bounds_table
+
+        if self._err_own or self._err_cross:
+            _common.stage_table(bounds_table([e[:3] for e in self._err_own], self._err_cross),
+                                torch.float32, x.device)
+        # the weights whose clipped sums fold() groups (the first use of each parameter
+        # with a group, as fold picks them)
+        grouped = []
+        for p in self.params:
+            for u in self.uses.get(p, []):
+                job = u.group()
+                if job is not None:
+                    if job[0] == "linear_clipped_sum_many":
+                        grouped.append(job[1])
+                    break
+        if grouped and dispatch.resolve("linear_clipped_sum_many", self.backend,
+                                        x.device.type)[1] == "triton":
+            linear.stage_clipped_sum_tables(grouped)
+
     def clip_factors(self) -> torch.Tensor | None:
         rows: list[torch.Tensor] = []
-        block = self._norm_block(rows)
+        # the deferred magnitudes from the deferred norms' op when they are all of T == 1 uses
+        mags = self._fused_magnitudes() if (self._err_own or self._err_cross) else None
+        self._fused_M = None
+        self._stage_tables()
+        block = self._norm_block(rows, mags)
         if block is None:
             if self._norm_sq is None:
                 return None
@@ -684,7 +766,10 @@ class Engine:
             errs.append(cancellation_bounds(self._err_terms))
         M = own = None
         if self._err_own or self._err_cross:
-            M = self.op("magnitude_many", self._mag_items)  # [rows, B]
+            M = self._fused_M  # [rows, B]: the same rows, from linear_norms_many
+            if M is None:
+                M = self.op("magnitude_many", self._mag_items)  # [rows, B]
+        self._fused_M = None
         if self._err_own:
             norms_own = [self._value(n) for _, _, _, n in self._err_own]
             dt = M.dtype

@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 import dpkernels  # noqa: E402
 from dpkernels import dispatch  # noqa: E402
 from dpkernels.ops import ghost_many  # noqa: E402
+from dpkernels.reference import bounds as ref_bounds  # noqa: E402
 from dpkernels.reference import embedding as ref_emb  # noqa: E402
 from dpkernels.reference import ghost_many as ref_many  # noqa: E402
 from dpkernels.reference import linear as ref  # noqa: E402
@@ -89,6 +90,127 @@ def test_linear_norms_many_one_kind(which):
     for r, (e64, e32) in enumerate(zip(_expected(items, torch.float64),
                                        _expected(items, torch.float32))):
         check(out[r], e64, e32, f"row {r}")
+
+
+# magnitude rows (item of _items, kind): the T == 1 launch's (items 3, 4), a duplicate, and
+# uses outside it (ghost, bf16, mixed dtypes, a bias alone, T = 0, d = 0: magnitude_many)
+_MAGS = [(3, "a"), (3, "g"), (3, "ag"), (4, "ag"), (4, "a"), (4, "g"), (3, "a"), (0, "a"),
+         (0, "ag"), (5, "g"), (6, "ag"), (12, "g"), (11, "g"), (8, "ag"), (9, "a"), (2, "ag")]
+
+
+def _mag_expected(items, mags, dt):
+    out = []
+    for i, kind in mags:
+        a, g = ref_many.mag_operands(items[i], kind)
+        out.append(ref_bounds.magnitude(None if a is None else a.to(dt), g.to(dt)))
+    return out
+
+
+@pytest.mark.parametrize("B", [3, 0])
+def test_linear_norms_many_magnitudes(B):
+    """The magnitude rows ``mags`` (the deferred bounds' ``sum_t |a_t|``, ``sum_t |g_t|``,
+    ``sum_t |a_t| |g_t|``) after the norm rows, against reference/bounds.py's ``magnitude``;
+    the norm rows are unchanged by them."""
+    torch.manual_seed(11 + B)
+    items = _items(B)
+    out = ghost_many.linear_norms_many(items, _MAGS)
+    exp64, exp32 = _expected(items, torch.float64), _expected(items, torch.float32)
+    n = len(exp64)
+    assert out.shape == (n + len(_MAGS), B)
+    for r, (e64, e32) in enumerate(zip(exp64, exp32)):
+        check(out[r], e64, e32, f"row {r}")
+    for j, (e64, e32) in enumerate(zip(_mag_expected(items, _MAGS, torch.float64),
+                                       _mag_expected(items, _MAGS, torch.float32))):
+        check(out[n + j], e64, e32, f"magnitude {_MAGS[j]}")
+
+
+def test_linear_norms_many_magnitudes_only_t1():
+    """The engine's case: only T == 1 uses, every magnitude from the T == 1 launch."""
+    torch.manual_seed(5)
+    items = [_items(4)[i] for i in (3, 4)]
+    mags = [(0, "ag"), (0, "g"), (0, "a"), (1, "a"), (1, "g")]
+    out = ghost_many.linear_norms_many(items, mags)
+    n = len(_expected(items, torch.float32))
+    for j, (e64, e32) in enumerate(zip(_mag_expected(items, mags, torch.float64),
+                                       _mag_expected(items, mags, torch.float32))):
+        check(out[n + j], e64, e32, f"magnitude {mags[j]}")
+
+
+def test_reference_linear_norms_many_magnitudes():
+    """The reference's magnitude rows are reference/bounds.py's ``magnitude``, exactly."""
+    torch.manual_seed(3)
+    items = [(torch.randn(3, 1, 4, dtype=torch.float64), torch.randn(3, 1, 5, dtype=torch.float64),
+              "auto", True),
+             (torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64),
+              "ghost", False),
+             (None, torch.randn(3, 6, 2, dtype=torch.float64), "auto", True)]
+    mags = [(0, "a"), (0, "g"), (0, "ag"), (1, "ag"), (2, "g")]
+    out = ref_many.linear_norms_many(items, mags)
+    torch.testing.assert_close(out[:4], ref_many.linear_norms_many(items), rtol=0, atol=0)
+    for j, (i, kind) in enumerate(mags):
+        torch.testing.assert_close(out[4 + j], ref_bounds.magnitude(
+            *ref_many.mag_operands(items[i], kind)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_linear_norms_many_refuses_bad_mags(impl):
+    fn = ref_many.linear_norms_many if impl == "reference" else ghost_many.linear_norms_many
+    items = [(torch.randn(2, 1, 4), torch.randn(2, 1, 5), "auto", True),
+             (None, torch.randn(2, 1, 5), "auto", True),
+             (torch.zeros(2, 1, dtype=torch.long), torch.randn(2, 1, 5), "embedding", None)]
+    for bad in [(3, "a"), (-1, "g"), (0, "b"), (1, "a"), (1, "ag"), (2, "g"), [0, "a"]]:
+        with pytest.raises(ValueError, match=r"mags\[0\]"):
+            fn(items, [bad])
+
+
+def test_engine_t1_magnitudes_come_from_the_norms_op(monkeypatch):
+    """An MLP (T = 1 Linears): the deferred bounds' magnitudes (the underflow bound's
+    ``||a||``, ``||g||``, and ``||a|| ||g||``) are rows of the linear_norms_many call, with no
+    magnitude_many call, and equal magnitude_many's rows (tolerance rule); the clip factors
+    are those of the magnitude_many path up to that rounding."""
+    from dpkernels.engine import Engine
+    from dpkernels.reference import bounds as rb
+
+    def run(fused):
+        seen, op = [], Engine.op
+
+        def spy(self, name, *args, **kwargs):
+            out = op(self, name, *args, **kwargs)
+            if name == "clip_from_parts":
+                seen.append((name, args[2].clone(), list(self._mag_items)))
+            else:
+                seen.append((name, len(args)))
+            return out
+
+        with monkeypatch.context() as mp:
+            mp.setattr(Engine, "op", spy)
+            if not fused:
+                mp.setattr(Engine, "_fused_magnitudes", lambda self: None)
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8, bias=False),
+                                  nn.Tanh(), nn.Linear(8, 3))
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=0.5,
+                                        loss_reduction="sum", backend="triton", seed=0)
+            try:
+                model(torch.randn(5, 6)).square().sum().backward()
+                dp.step()
+                return seen, model._dpkernels_engine.last_factors.clone()
+            finally:
+                dpkernels.detach(model)
+
+    seen, fac = run(True)
+    names = [s[0] for s in seen]
+    assert "magnitude_many" not in names and "clip_from_parts" in names, names
+    assert ("linear_norms_many", 2) in seen, seen  # called with the magnitude rows
+    _, M, items = next(s for s in seen if s[0] == "clip_from_parts")
+    assert M.shape[0] == len(items) > 0
+    for r, (a, g) in enumerate(items):
+        e64 = rb.magnitude(None if a is None else a.double(), g.double())
+        check(M[r], e64, rb.magnitude(a, g), f"magnitude row {r}")
+    seen0, fac0 = run(False)
+    assert "magnitude_many" in [s[0] for s in seen0]
+    torch.testing.assert_close(fac, fac0, rtol=4 * 2.0**-23, atol=0)
 
 
 def test_linear_norms_many_refuses_bad_inputs():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from array import array
 
 import torch
 import triton
@@ -187,6 +188,85 @@ def upper_pairs(n: int, device: torch.device) -> torch.Tensor:
         ij = torch.triu_indices(n, n)
         _PAIRS[k] = ij.t().contiguous().to(torch.int32).to(device)
     return _PAIRS[k]
+
+
+# ---------------------------------------------------------------------------- table uploads
+#
+# The grouped ops read small tables (addresses, strides, constants) that each cost a
+# host-to-device copy.  A caller that knows a later op's table in advance (the engine, at clip
+# time, knows the clip op's bounds table and the weights' clipped-sum scaling table)
+# ``stage_table``s it; the next ``device_table`` upload on that device carries every staged
+# table along in the same copy, and a later ``device_table`` call whose table has exactly
+# the bytes of a carried one gets that device copy instead of a copy of its own.  The match is
+# on the full contents (every address, stride and constant, as the bytes the device holds), so
+# a carried copy is never stale: a table that differs in anything (a tensor reallocated, a
+# constant changed) is uploaded on its own, as without staging.  ``drop_staged`` forgets what
+# was not used (the engine calls it after each micro-batch's clip factors and clipped sums).
+
+_TABLE_CODES = {torch.int64: "q", torch.float32: "f"}
+_TABLE_SIZES = {torch.int64: 8, torch.float32: 4}
+_STAGED: dict[str, list[tuple]] = {}  # device -> [(dtype, shape, bytes)] awaiting an upload
+_CARRIED: dict[tuple, torch.Tensor] = {}  # (device, dtype, shape, bytes) -> its device copy
+
+
+def _table_key(rows: list, dtype: torch.dtype, device) -> tuple | None:
+    """(device, dtype, shape, the bytes the device holds) of a rectangular table, or None
+    when it cannot be packed (an unsupported dtype, ragged rows)."""
+    code = _TABLE_CODES.get(dtype)
+    if code is None or not rows:
+        return None
+    width = len(rows[0])
+    if width == 0 or any(len(r) != width for r in rows):
+        return None
+    try:
+        data = array(code, [v for r in rows for v in r]).tobytes()
+    except (OverflowError, TypeError):  # an int64 out of range: torch.tensor raises for it
+        return None
+    return str(torch.device(device)), dtype, (len(rows), width), data
+
+
+def stage_table(rows: list, dtype: torch.dtype, device) -> None:
+    """Announce a table that an op will upload later in this step: the next
+    ``device_table`` upload on ``device`` copies it along."""
+    key = _table_key(rows, dtype, device)
+    if key is not None and key not in _CARRIED:
+        _STAGED.setdefault(key[0], []).append(key)
+
+
+def drop_staged() -> None:
+    """Forget the staged and carried tables (the next uploads copy their own)."""
+    _STAGED.clear()
+    _CARRIED.clear()
+
+
+def device_table(rows: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.tensor(rows, dtype=dtype)`` on ``device`` (rows: a list of equal-length lists):
+    a carried copy with exactly these bytes if there is one (``stage_table``), otherwise one
+    host-to-device copy that also carries the tables staged for ``device``."""
+    key = _table_key(rows, dtype, device)
+    if key is None:
+        return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
+    hit = _CARRIED.pop(key, None)
+    if hit is not None:
+        return hit
+    pack = [key] + [k for k in _STAGED.pop(key[0], []) if k != key]
+    words: list[int] = []
+    where = []
+    for _, dt, _, data in pack:
+        where.append(len(words))
+        data = data + bytes(-len(data) % 16)  # every table 16-byte aligned
+        words.extend(array("q", data))
+    flat = torch.tensor(words, dtype=torch.int64).to(device, non_blocking=True)
+    out = None
+    for k, start in zip(pack, where):
+        _, dt, shape, data = k
+        n = len(data) // _TABLE_SIZES[dt]
+        t = flat[start:start + (len(data) + 7) // 8].view(dt)[:n].view(shape)
+        if out is None:
+            out = t
+        else:
+            _CARRIED[k] = t
+    return out
 
 
 @triton.jit

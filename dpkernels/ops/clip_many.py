@@ -11,8 +11,10 @@ import triton
 import triton.language as tl
 
 from dpkernels.dispatch import register
+from dpkernels.ops._common import device_table
 from dpkernels.ops.bounds import clip_factor
 from dpkernels.reference import clip_many as ref
+from dpkernels.reference.clip_many import bounds_table
 
 
 @triton.jit
@@ -94,9 +96,7 @@ def clip_from_parts(parts: torch.Tensor, err_parts: list, M: torch.Tensor | None
     own = parts if own is None else own.detach().contiguous()
     tab = parts
     if V + X:
-        tab = torch.tensor([[float(r), float(k), float(c)] for r, k, c in own_consts]
-                           + [ref.cross_row(*c) for c in cross],
-                           dtype=torch.float32).to(device, non_blocking=True)
+        tab = device_table(bounds_table(own_consts, cross), torch.float32, device)
     out = torch.empty(4, B, dtype=torch.float32, device=device)
     ok = torch.empty((), dtype=torch.bool, device=device)
     _clip_from_parts_kernel[(1,)](

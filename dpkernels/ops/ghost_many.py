@@ -18,11 +18,12 @@ import triton
 import triton.language as tl
 
 from dpkernels.dispatch import register
-from dpkernels.ops import embedding, linear
+from dpkernels.ops import bounds, embedding, linear
 from dpkernels.ops._common import (
     INTERPRET,
     autotune,
     check_float,
+    device_table,
     dot_precision,
     gram_tile,
     same_dtype,
@@ -37,8 +38,9 @@ _IDS_TYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.int16: tl.int1
               torch.int8: tl.int8, torch.uint8: tl.uint8}
 
 # A table row: a's address, strides (b, t, k) and width d; g's address, strides and width p;
-# T; the output row of the weight norm and of the bias norm (-1: none).
-_ROW = 13
+# T; the output row of the weight norm and of the bias norm (-1: none); for T == 1 uses, the
+# output rows of the magnitudes ||a||, ||g|| and ||a|| ||g|| (-1: none; ``mags``).
+_ROW = 16
 
 
 def _no_spill(configs, named_args, **kwargs):
@@ -78,7 +80,7 @@ def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
     ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} (a_t.a_s)(g_t.g_s)`` and, with a bias row,
     ``part[k, b, q] = (1 or 2) sum_{t in i, s in j} g_t.g_s``; off-diagonal pairs count twice."""
     b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
     q = tl.program_id(2).to(tl.int64)
     T = tl.load(row + 10)
     kw = tl.load(row + 11)
@@ -120,9 +122,10 @@ def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
 def _row_product_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
                              BLOCK_K: tl.constexpr):
     """T == 1, sample ``program_id(0)``, use ``program_id(1)``: ``part[w, b, 0] = ||a_b||^2
-    ||g_b||^2`` and, with a bias row, ``part[k, b, 0] = ||g_b||^2``."""
+    ||g_b||^2``, with a bias row ``part[k, b, 0] = ||g_b||^2``, and with magnitude rows
+    ``||a_b||``, ``||g_b||``, ``||a_b|| ||g_b||``."""
     b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: k * stride may pass 2^31
     a_ptr = tl.load(row + 0).to(tl.pointer_type(TYPE))
     sab, sak, d = tl.load(row + 1), tl.load(row + 3), tl.load(row + 4)
@@ -138,12 +141,24 @@ def _row_product_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
         k = k0 + ks
         y = tl.load(g_ptr + b * sgb + k * sgk, mask=k < p, other=0.0).to(tl.float32)
         sg += y * y
+    a_sq = tl.sum(sa, axis=0)
     g_sq = tl.sum(sg, axis=0)
     kw = tl.load(row + 11)
     kb = tl.load(row + 12)
-    _store_first(part_ptr + (kw * B + b) * n_part, tl.sum(sa, axis=0) * g_sq, n_part)
+    _store_first(part_ptr + (kw * B + b) * n_part, a_sq * g_sq, n_part)
     if kb >= 0:
         _store_first(part_ptr + (kb * B + b) * n_part, g_sq, n_part)
+    # the magnitudes sum_t |a_t|, sum_t |g_t|, sum_t |a_t| |g_t| of T == 1 (magnitude_many's
+    # row norms, correctly rounded sqrt)
+    na = tl.sqrt_rn(a_sq)
+    ng = tl.sqrt_rn(g_sq)
+    ka, kg, kag = tl.load(row + 13), tl.load(row + 14), tl.load(row + 15)
+    if ka >= 0:
+        _store_first(part_ptr + (ka * B + b) * n_part, na, n_part)
+    if kg >= 0:
+        _store_first(part_ptr + (kg * B + b) * n_part, ng, n_part)
+    if kag >= 0:
+        _store_first(part_ptr + (kag * B + b) * n_part, ng * na, n_part)
 
 
 @autotune(
@@ -163,7 +178,7 @@ def _embedding_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
     ``_ghost_many_kernel``: ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} [x_t = x_s]
     (g_t.g_s)`` over non-padding positions."""
     b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
     q = tl.program_id(2).to(tl.int64)
     T = tl.load(row + 10)
     kw = tl.load(row + 11)
@@ -211,7 +226,7 @@ def _bias_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
     """A bias alone, sample ``program_id(0)``, use ``program_id(1)``: ``part[k, b, 0] =
     ||sum_t g_bt||^2`` (a sum over t for every column, then the squares)."""
     b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
     g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
     sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
     p, T = tl.load(row + 9), tl.load(row + 10)
@@ -242,16 +257,28 @@ def _note_cost(nbytes: float, flops: float) -> None:
 
 
 @register("linear_norms_many", "triton")
-def linear_norms_many(items: list) -> torch.Tensor:
-    """[rows, B] float32 ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
-    with_bias)`` of ``items`` (weight row, then the bias row when with_bias; ``a`` None: the
-    bias row alone): one launch per kind (ghost, T == 1, bias alone) and dtype, one sum over
-    the tile partials."""
+def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
+    """[rows (+ len(mags)), B] float32 ``linear_norms(a, g, method, with_bias)`` of every
+    ``(a, g, method, with_bias)`` of ``items`` (weight row, then the bias row when with_bias;
+    ``a`` None: the bias row alone), then the magnitude rows ``mags`` asks for (the
+    reference's): one launch per kind (ghost, T == 1, bias alone) and dtype, one sum over the
+    tile partials.  The T == 1 launch writes the magnitudes of its uses from the row norms it
+    computes anyway; those of other uses come from ``magnitude_many``."""
     B, n_rows = ref.check_items("linear_norms_many", items)
+    mags = ref.check_mags("linear_norms_many", items, mags)
     if any(use_reference(a, g) for a, g, _, _ in items):
-        return ref.linear_norms_many(items)
+        return ref.linear_norms_many(items, mags)
     device = items[0][1].device
     out_rows = ref.out_rows(items)
+    # (item, kind) -> its output row; duplicates are copies of the first
+    mag_rows: dict[tuple[int, str], int] = {}
+    mag_copies: list[tuple[int, int]] = []  # (row, row it copies)
+    for j, key in enumerate(mags):
+        if key in mag_rows:
+            mag_copies.append((n_rows + j, mag_rows[key]))
+        else:
+            mag_rows[key] = n_rows + j
+    n_out = n_rows + len(mags)
     ghost: dict[tuple, list] = {}  # (dtype, BLOCK_T) -> table rows
     prods: dict[torch.dtype, list] = {}  # T == 1: dtype -> table rows
     biases: dict[torch.dtype, list] = {}  # a bias alone: dtype -> table rows
@@ -272,7 +299,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
             pad = -1 if with_bias is None else int(with_bias)
             embs.setdefault(key, []).append(
                 [a.data_ptr(), a.stride(0), a.stride(1), 0, pad, g.data_ptr(), g.stride(0),
-                 g.stride(1), g.stride(2), p, T, out_rows[i][0], -1])
+                 g.stride(1), g.stride(2), p, T, out_rows[i][0], -1, -1, -1, -1])
             n = triton.cdiv(T, bt)
             n_tiles[key] = max(n_tiles.get(key, 0), n)
             c = cost.setdefault(key, [0.0, 0.0])
@@ -284,7 +311,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
             if B and g.shape[1] and g.shape[2]:
                 biases.setdefault(g.dtype, []).append(
                     [0, 0, 0, 0, 0, g.data_ptr(), g.stride(0), g.stride(1), g.stride(2),
-                     g.shape[2], g.shape[1], -1, out_rows[i][1]])
+                     g.shape[2], g.shape[1], -1, out_rows[i][1], -1, -1, -1])
                 c = cost.setdefault(("bias", g.dtype), [0.0, 0.0])
                 c[0] += g.numel() * g.element_size()
             else:
@@ -302,8 +329,12 @@ def linear_norms_many(items: list) -> torch.Tensor:
         keep.append((a, g))
         kw, kb = out_rows[i]
         entry = [a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), d,
-                 g.data_ptr(), g.stride(0), g.stride(1), g.stride(2), p, T, kw, kb]
+                 g.data_ptr(), g.stride(0), g.stride(1), g.stride(2), p, T, kw, kb, -1, -1, -1]
         if T == 1:
+            for kind, slot in (("a", 13), ("g", 14), ("ag", 15)):
+                r = mag_rows.pop((i, kind), None)
+                if r is not None:
+                    entry[slot] = r
             prods.setdefault(a.dtype, []).append(entry)
             c = cost.setdefault(a.dtype, [0.0, 0.0])
             c[0] += (a.numel() + g.numel()) * a.element_size()
@@ -319,7 +350,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
     n_pairs = {k: n * (n + 1) // 2 for k, n in n_tiles.items()}
     # every launch writes all n_part partials of its rows (0 where it has none)
     n_part = max([1, *n_pairs.values()])
-    part = torch.empty(n_rows, B, n_part, dtype=torch.float32, device=device)
+    part = torch.empty(n_out, B, n_part, dtype=torch.float32, device=device)
     # the rows of every launch in one table: one host-to-device copy, a slice per launch
     launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values()]
     starts = [0]
@@ -327,8 +358,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
         starts.append(starts[-1] + len(rows))
     table = None
     if launches:
-        table = torch.tensor([r for rows in launches for r in rows],
-                             dtype=torch.int64).to(device, non_blocking=True)
+        table = device_table([r for rows in launches for r in rows], torch.int64, device)
     slices = iter([table[a:b] for a, b in zip(starts, starts[1:])])
     for (dt, bt), rows in ghost.items():
         pairs = upper_pairs(n_tiles[(dt, bt)], device)
@@ -355,7 +385,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
         _bias_many_kernel[(B, len(rows))](
             table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
             TYPE=_TYPES[dt])
-    out = part.view(n_rows, B) if n_part == 1 else part.sum(-1)
+    out = part.view(n_out, B) if n_part == 1 else part.sum(-1)
     for i in alone:
         a, g, method, with_bias = items[i]
         kw, kb = out_rows[i]
@@ -369,4 +399,11 @@ def linear_norms_many(items: list) -> torch.Tensor:
         out[kw].copy_(w)
         if with_bias:
             out[kb].copy_(b)
+    if mag_rows:  # magnitudes of uses outside the T == 1 launch
+        rest = list(mag_rows.items())
+        M = bounds.magnitude_many([ref.mag_operands(items[i], kind) for (i, kind), _ in rest])
+        for j, (_, r) in enumerate(rest):
+            out[r].copy_(M[j])
+    for r, r0 in mag_copies:
+        out[r].copy_(out[r0])
     return out

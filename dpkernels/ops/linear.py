@@ -20,6 +20,7 @@ from dpkernels.ops._common import (
     SEED_ARGS,
     autotune,
     check_float,
+    device_table,
     dot_precision,
     finish_store,
     gram_tile,
@@ -31,6 +32,7 @@ from dpkernels.ops._common import (
     prepare_out,
     same_dtype,
     smem_prune,
+    stage_table,
     tile_pair,
     upper_pairs,
     use_reference,
@@ -657,46 +659,75 @@ def linear_clipped_sum_many(items: list[tuple], c, accs: list) -> list[torch.Ten
         raise ValueError(f"linear_clipped_sum_many: {len(items)} inputs but {len(accs)} "
                          "accumulators")
     out: list = [None] * len(items)
+    reference, alone, chunks = _plan(items, accs)
+    for i in reference:
+        (a, g), acc = items[i], accs[i]
+        out[i] = ref.linear_clipped_sum(a, g, c, acc)
+    for i, a, g in alone:
+        out[i] = clipped_sum(a, g, c, accs[i])
+    for chunk in chunks:
+        _scaled_gemms(chunk, c, accs, out)
+    return out
+
+
+def _plan(items: list[tuple], accs: list) -> tuple[list, list, list]:
+    """How ``linear_clipped_sum_many`` takes ``items``: (indices for the reference, (index, a,
+    g) for ``clipped_sum`` one by one, chunks of (index, a, g) for ``_scaled_gemms``)."""
+    reference, alone, chunks = [], [], []
     chunk: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, a, g)
     used = 0
-
-    def flush():
-        nonlocal used
-        if chunk:
-            _scaled_gemms(chunk, c, accs, out)
-        chunk.clear()
-        used = 0
-
     for i, ((a, g), acc) in enumerate(zip(items, accs)):
         if use_reference(a, g, acc):
-            out[i] = ref.linear_clipped_sum(a, g, c, acc)
+            reference.append(i)
             continue
         _check("linear_clipped_sum_many", a, g)
         a, g = same_dtype(a, g)
         if clipped_sum_path(a.dtype) != "gemm" or a.numel() == 0 or g.numel() == 0:
-            out[i] = clipped_sum(a, g, c, acc)
+            alone.append((i, a, g))
             continue
         size = a.shape[0] * a.shape[1] * min(a.shape[2], g.shape[2]) * 4
-        if used + size > SCALE_SCRATCH_BYTES:
-            flush()
+        if used + size > SCALE_SCRATCH_BYTES and chunk:
+            chunks.append(chunk)
+            chunk, used = [], 0
         chunk.append((i, a, g))
         used += size
-    flush()
-    return out
+    if chunk:
+        chunks.append(chunk)
+    return reference, alone, chunks
 
 
-def _scaled_gemms(chunk, c, accs, out) -> None:
-    """The chunk's narrower operands scaled by c_b in one launch, then one GEMM per layer."""
-    device = chunk[0][1].device
-    c = c.to(device=device, dtype=torch.float32).contiguous()
+def _scale_table(chunk) -> list[list[int]]:
+    """The ``_scale_rows_many_kernel`` table of a chunk: the narrower operand of each layer
+    (address, strides, T, K, R = B * T, offset in the scratch)."""
     rows, off = [], 0
     for _, a, g in chunk:
         x = g if g.shape[2] <= a.shape[2] else a
         B, T, K = x.shape
         rows.append([x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), T, K, B * T, off])
         off += B * T * K
+    return rows
+
+
+def stage_clipped_sum_tables(items: list[tuple]) -> None:
+    """Stage (ops/_common.py ``stage_table``) the scaling tables ``linear_clipped_sum_many``
+    will upload for ``items`` (all float32 operands of one dtype, no accumulators: the first
+    micro-batch of a step), so that they ride along an earlier table copy; a table that
+    differs when the op runs (a sample dropped, tensors replaced) is uploaded as before."""
+    if any(a.dtype != g.dtype for a, g in items):
+        return  # same_dtype would cast: nothing to stage without allocating
+    _, _, chunks = _plan(items, [None] * len(items))
+    for chunk in chunks:
+        stage_table(_scale_table(chunk), torch.int64, chunk[0][1].device)
+
+
+def _scaled_gemms(chunk, c, accs, out) -> None:
+    """The chunk's narrower operands scaled by c_b in one launch, then one GEMM per layer."""
+    device = chunk[0][1].device
+    c = c.to(device=device, dtype=torch.float32).contiguous()
+    rows = _scale_table(chunk)
+    off = rows[-1][7] + rows[-1][6] * rows[-1][5]
     scaled = torch.empty(off, dtype=torch.float32, device=device)
-    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    table = device_table(rows, torch.int64, device)
     BLOCK_R, BLOCK_K = 32, 128
     widest = max(triton.cdiv(r[6], BLOCK_R) * triton.cdiv(r[5], BLOCK_K) for r in rows)
     _scale_rows_many_kernel[(len(rows), max(1, min(widest, 4 * num_sms(device))))](

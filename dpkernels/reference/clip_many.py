@@ -58,6 +58,13 @@ def cross_row(r, r2, k) -> list[float]:
     return [*out, float(k)]
 
 
+def bounds_table(own_consts: list, cross: list) -> list[list[float]]:
+    """The Triton kernel's bounds table: ``(row, ku, cu)`` per own bound, then ``cross_row``
+    per cross bound (the engine stages it to ride along the deferred norms' table copy)."""
+    return ([[float(r), float(k), float(c)] for r, k, c in own_consts]
+            + [cross_row(*c) for c in cross])
+
+
 @register("clip_from_parts", "reference")
 def clip_from_parts(parts: torch.Tensor, err_parts: list, M: torch.Tensor | None,
                     own: torch.Tensor | None, own_consts: list, cross: list, loss_scale: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpkernels.dispatch import register
+from dpkernels.reference.bounds import magnitude
 from dpkernels.reference.embedding import embedding_norm
 from dpkernels.reference.linear import linear_bias_norm, linear_norms
 
@@ -59,6 +60,35 @@ def check_items(name: str, items: list) -> tuple[int, int]:
     return B, rows
 
 
+MAG_KINDS = ("a", "g", "ag")
+
+
+def check_mags(name: str, items: list, mags: list | None) -> list[tuple[int, str]]:
+    """``mags`` [(item index, "a" | "g" | "ag"), ...] checked against ``items`` (a Linear use
+    with a weight, or "g" of a bias alone); [] for None."""
+    if mags is None:
+        return []
+    out = []
+    for j, m in enumerate(mags):
+        ok = isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], int) and m[1] in MAG_KINDS
+        if ok:
+            i, kind = m
+            ok = 0 <= i < len(items) and items[i][2] != "embedding" and (
+                kind == "g" or items[i][0] is not None)
+        if not ok:
+            raise ValueError(
+                f"dpkernels.ops.{name}: mags[{j}] = {m!r} is not (index of a Linear input, "
+                "'a' | 'g' | 'ag'); 'a' and 'ag' need the input's a, embeddings have none")
+        out.append((m[0], m[1]))
+    return out
+
+
+def mag_operands(item: tuple, kind: str) -> tuple:
+    """The ``magnitude`` operands ``(a | None, x)`` of magnitude row ``kind`` of ``item``."""
+    a, g = item[0], item[1]
+    return {"a": (None, a), "g": (None, g), "ag": (a, g)}[kind]
+
+
 def out_rows(items: list) -> list[tuple[int, int]]:
     """(weight row or -1, bias row or -1) of every item in the [rows, B] output (an
     embedding's norm is a weight row)."""
@@ -76,14 +106,19 @@ def out_rows(items: list) -> list[tuple[int, int]]:
 
 
 @register("linear_norms_many", "reference")
-def linear_norms_many(items: list) -> torch.Tensor:
+def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     """[rows, B] ``linear_norms(a, g, method, with_bias)`` of every ``(a, g, method,
     with_bias)`` of ``items``: the weight norm ``||sum_t g_t a_t^T||^2``, then, with_bias, the
     bias norm ``||sum_t g_t||^2`` on the next row; ``a`` None: the bias norm alone (a Linear
     with a frozen weight, or rows of partial sums such as a norm layer's); ``(ids, g,
     "embedding", padding_idx)``: an Embedding's ``embedding_norm(ids, g, padding_idx)``.
+    Then one row per ``mags`` entry ``(i, kind)``: the magnitude (reference/bounds.py) of input
+    i's ``a`` (``sum_t |a_t|``), ``g`` (``sum_t |g_t|``) or both (``sum_t |a_t| |g_t|``), for
+    the deferred cancellation and underflow bounds (the engine asks for them when they are
+    all of T == 1 Linear uses, whose kernel has the row norms in hand).
     float32 (float64 when an input is)."""
     check_items("linear_norms_many", items)
+    mags = check_mags("linear_norms_many", items, mags)
     parts = []
     for a, g, method, with_bias in items:
         if method == "embedding":
@@ -96,6 +131,7 @@ def linear_norms_many(items: list) -> torch.Tensor:
         parts.append(w)
         if with_bias:
             parts.append(b)
+    parts += [magnitude(*mag_operands(items[i], kind)) for i, kind in mags]
     dt = parts[0].dtype
     for t in parts[1:]:
         dt = torch.promote_types(dt, t.dtype)
