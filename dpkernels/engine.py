@@ -359,9 +359,11 @@ class Engine:
         for p, use in uses:
             earlier = self.uses.setdefault(p, [])
             # a term used once whose norm is a plain sum of squares of materialised rows (no
-            # cancellation bound, no cross term to come): all of them in one op, in norm_sq
+            # cancellation bound, no cross term to come): all of them in one op, in norm_sq;
+            # rows that are themselves sums over positions (SummedTerms) keep their bound
             rows = (None if (earlier or reused or p in self.shared
-                                  or not self.defer_norm_rows) else use.norm_rows())
+                             or not self.defer_norm_rows
+                             or use.bound_constants() is not None) else use.norm_rows())
             if rows is not None:
                 self._norm_rows.append(rows)
             else:

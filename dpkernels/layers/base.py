@@ -298,6 +298,65 @@ class DenseUse(Use):
         return self.psg.reshape(B, math.prod(self.psg.shape[1:]))  # explicit: B may be 0
 
 
+class SummedTerms:
+    """Mixin for a use whose per-sample gradient was formed as a sum over ``terms`` positions
+    of elementwise products (a norm layer's ``sum_pos g * x_hat`` and ``sum_pos g``, an
+    elementwise op's ``sum_pos g * other``) and then materialised: the norm and the clipped sum
+    both read the materialised sum, but its rounding error is relative to the terms'
+    magnitudes, not to the sum (a crafted sample whose terms cancel has a tiny sum and a large
+    error, DESIGN.md section 6).  ``mag`` [B, n]: ``sum_pos |term|`` per element (an upper
+    bound of the magnitudes), so the error vector's norm is at most ``(terms + 16) u ||mag||``
+    and the use is bounded like a bias over ``terms`` positions (``S_b = ||mag_b||``), in the
+    sum form only.  Without ``mag`` the subclass's own rules apply."""
+
+    mag: torch.Tensor | None = None
+    terms: int = 1
+
+    def _mag_rows(self) -> torch.Tensor:
+        B = self.mag.shape[0]
+        return self.mag.reshape(B, 1, math.prod(self.mag.shape[1:]))  # explicit: B may be 0
+
+    def magnitude(self):
+        if self.mag is None:
+            return super().magnitude()
+        return ref_bounds.magnitude(None, self._mag_rows())
+
+    def magnitude_operands(self):
+        if self.mag is None:
+            return super().magnitude_operands()
+        return None, self._mag_rows()
+
+    def kappa(self) -> int:
+        if self.mag is None:
+            return super().kappa()
+        return self._mag_rows().shape[-1] + 2 * self.terms + 16
+
+    def bound_constants(self):
+        if self.mag is None:
+            return super().bound_constants()
+        if self.terms <= 1:  # one product per element: relative rounding, in the margin
+            return None
+        # the norm is a sum of squares of the materialised sum (no Gram form): only the sum
+        # form's bound, ghost constant 0 (kappa() is for cross terms, inner products of two
+        # such sums)
+        return 0, self.terms
+
+    def error_terms(self):
+        if self.mag is None:
+            return super().error_terms()
+        k = self.bound_constants()
+        return None if k is None else (self.magnitude().unsqueeze(1), *k)
+
+
+class SummedDenseUse(SummedTerms, DenseUse):
+    """A ``DenseUse`` whose ``psg`` is a sum over ``terms`` positions with magnitudes
+    ``mag`` [B, *param.shape] (``SummedTerms``)."""
+
+    def __init__(self, psg: torch.Tensor, mag: torch.Tensor | None, terms: int) -> None:
+        super().__init__(psg)
+        self.mag, self.terms = mag, int(terms)
+
+
 class LinearUse(Use):
     """``G_b = sum_t g_t a_t^T`` with ``a`` [B, T, d], ``g`` [B, T, p].  ``norm``: its [B]
     ``||G_b||^2`` when already computed (with the bias's, in one pass over ``g``)."""

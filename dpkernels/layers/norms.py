@@ -4,37 +4,53 @@ the affine parameters (they are as small as the parameters), dense ops for the r
 LayerNorm's forward is ``torch.native_layer_norm``, and its backward gets the input gradient
 from the saved mean and rstd with torch's own ``native_layer_norm_backward`` (no recomputed
 forward); the others recompute the norm on the saved input and differentiate it with autograd
-(exactly torch's own rule).  All record ``DenseUse``s built by the
-``*_psg`` ops from (input, backprop).  Under autocast the norm runs in float32 like torch's
-``layer_norm`` and ``group_norm`` do; the input is kept in its own dtype for the backward.
+(exactly torch's own rule).  All record ``SummedDenseUse``s (or ``PartsUse``s) built by
+the ``*_psg`` ops from (input, backprop), with the terms' magnitudes for their cancellation
+bound.  Under autocast the norm runs in float32 like torch's ``layer_norm`` and
+``group_norm`` do; the input is kept in its own dtype for the backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import BiasUse, DenseUse, autocast_dtype
+from dpkernels.layers.base import BiasUse, SummedDenseUse, SummedTerms, autocast_dtype
 from dpkernels.layers.linear import check_input_dtype
 
 
-class PartsUse(BiasUse):
+class PartsUse(SummedTerms, BiasUse):
     """A norm layer's per-sample affine term kept as partial sums ``g`` [B, S, N] over blocks
-    of positions (``*_psg_parts``): the term is ``sum_s g_s``, so its norm, cancellation bound
-    and clipped sum are a bias's; ``shape`` is the parameter's."""
+    of positions (``*_psg_parts``): the term is ``sum_s g_s``, so its norm and clipped sum are
+    a bias's; ``shape`` is the parameter's.  Its cancellation bound is that of the sum over
+    all ``terms`` positions with magnitudes ``mag`` [B, S, N] (partials of ``sum_pos |term|``,
+    ``SummedTerms``): each partial is itself a sum of products that can cancel, which a bound
+    relative to ``sum_s |g_s|`` would miss."""
 
-    def __init__(self, g: torch.Tensor, shape, norm=None) -> None:
+    def __init__(self, g: torch.Tensor, shape, norm=None, mag=None, terms: int = 1) -> None:
         super().__init__(g, norm=norm)
         self.shape = tuple(shape)
+        self.mag, self.terms = mag, int(terms)
+
+    def _mag_rows(self):
+        # [B, S, N] partials: sum_s ||mag_s|| >= ||sum_s mag_s||, an upper bound of S_b
+        return self.mag
 
     def raw_dense(self, op):
         return super().raw_dense(op).reshape(self.g.shape[0], *self.shape)
 
     def group(self):
         return "rows_clipped_sum_many", (self.g, self.shape)
+
+
+def positions(x: torch.Tensor, param: torch.Tensor) -> int:
+    """How many positions a per-sample affine term of ``param`` sums over for input ``x``
+    [B, ...]: the elements of one sample per element of the parameter."""
+    return math.prod(x.shape[1:]) // max(param.numel(), 1)
 
 
 def _cast(dt, *ts):
@@ -90,8 +106,9 @@ class _NormHandler:
         """``f(x, weight, bias)``: the module's forward with its parameters passed in."""
         raise NotImplementedError
 
-    def psg(self, engine, module, x, g, need_weight: bool, need_bias: bool):
-        """(weight psg | None, bias psg | None), each [B, *param.shape]."""
+    def psg(self, engine, module, x, g, need_weight: bool, need_bias: bool, absolute=False):
+        """(weight psg | None, bias psg | None), each [B, *param.shape]; ``absolute``: the
+        sums of the terms' magnitudes instead (``SummedTerms``)."""
         raise NotImplementedError
 
     def forward(self, engine, module, name: str, orig, x, *rest, **kw):
@@ -111,21 +128,28 @@ class _NormHandler:
         def record(x_saved, g):
             parts = (self.parts(engine, module, x_saved, g, need_w, need_b)
                      if engine.defers_norms() else None)
+            # the sums' rounding error is relative to sum_pos |g * x_hat| and sum_pos |g|
+            # (SummedTerms): those magnitudes (partials from the same launch as the terms'),
+            # and how many positions each term sums
+            terms = positions(x_saved, w if w is not None else b)
             uses = []
             if parts is not None:
                 # partial sums, their norms taken at clip time with every other deferred one
-                for param, need, rows in ((w, need_w, parts[0]), (b, need_b, parts[1])):
+                for param, need, rows, mag in ((w, need_w, parts[0], parts[2]),
+                                               (b, need_b, parts[1], parts[3])):
                     if need:
                         (held,) = engine.defer_norm("linear_norms_many",
                                                     (None, rows, "auto", True), 1)
-                        uses.append((param, PartsUse(rows, param.shape, norm=held)))
+                        uses.append((param, PartsUse(rows, param.shape, norm=held, mag=mag,
+                                                     terms=terms)))
                 engine.record(name, x_saved.shape[0], uses)
                 return
             gw, gb = self.psg(engine, module, x_saved, g, need_w, need_b)
+            mags = self.psg(engine, module, x_saved, g, need_w, need_b, absolute=True)
             if need_w:
-                uses.append((w, DenseUse(gw)))
+                uses.append((w, SummedDenseUse(gw, mags[0], terms)))
             if need_b:
-                uses.append((b, DenseUse(gb)))
+                uses.append((b, SummedDenseUse(gb, mags[1], terms)))
             engine.record(name, x_saved.shape[0], uses)
 
         dt = None
@@ -136,8 +160,9 @@ class _NormHandler:
             return _NormFn.apply(x, w, b, self.fn(module), dt, record, self.stats(module))
 
     def parts(self, engine, module, x, g, need_weight: bool, need_bias: bool):
-        """(weight, bias) per-sample terms as partial sums [B, S, N] (None where not needed),
-        or None where the layer has no such op (then ``psg``)."""
+        """(weight, bias, weight magnitudes, bias magnitudes): per-sample terms and the sums of
+        their terms' magnitudes as partial sums [B, S, N] (None where not needed), or None
+        where the layer has no such op (then ``psg``)."""
         return None
 
     def stats(self, module):
@@ -168,13 +193,13 @@ class LayerNormHandler(_NormHandler):
     def stats(self, module):
         return list(module.normalized_shape), module.eps
 
-    def psg(self, engine, module, x, g, need_weight, need_bias):
+    def psg(self, engine, module, x, g, need_weight, need_bias, absolute=False):
         return engine.op("layer_norm_psg", x, g, module.normalized_shape, module.eps,
-                         need_weight, need_bias)
+                         need_weight, need_bias, absolute)
 
     def parts(self, engine, module, x, g, need_weight, need_bias):
         return engine.op("layer_norm_psg_parts", x, g, module.normalized_shape, module.eps,
-                         need_weight, need_bias)
+                         need_weight, need_bias, True)
 
 
 class RMSNormHandler(_NormHandler):
@@ -189,11 +214,13 @@ class RMSNormHandler(_NormHandler):
         shape, eps = module.normalized_shape, module.eps
         return lambda x, w, b: F.rms_norm(x, shape, w, eps)
 
-    def psg(self, engine, module, x, g, need_weight, need_bias):
-        return engine.op("rms_norm_psg", x, g, module.normalized_shape, module.eps), None
+    def psg(self, engine, module, x, g, need_weight, need_bias, absolute=False):
+        return engine.op("rms_norm_psg", x, g, module.normalized_shape, module.eps,
+                         absolute), None
 
     def parts(self, engine, module, x, g, need_weight, need_bias):
-        return engine.op("rms_norm_psg_parts", x, g, module.normalized_shape, module.eps), None
+        gw, aw = engine.op("rms_norm_psg_parts", x, g, module.normalized_shape, module.eps, True)
+        return gw, None, aw, None
 
 
 class GroupNormHandler(_NormHandler):
@@ -208,9 +235,9 @@ class GroupNormHandler(_NormHandler):
         groups, eps = module.num_groups, module.eps
         return lambda x, w, b: F.group_norm(x, groups, w, b, eps)
 
-    def psg(self, engine, module, x, g, need_weight, need_bias):
+    def psg(self, engine, module, x, g, need_weight, need_bias, absolute=False):
         return engine.op("group_norm_psg", x, g, module.num_groups, module.eps, need_weight,
-                         need_bias)
+                         need_bias, absolute)
 
 
 class InstanceNormHandler(_NormHandler):
@@ -241,9 +268,9 @@ class InstanceNormHandler(_NormHandler):
 
         return f
 
-    def psg(self, engine, module, x, g, need_weight, need_bias):
+    def psg(self, engine, module, x, g, need_weight, need_bias, absolute=False):
         return engine.op("group_norm_psg", x, g, x.shape[1], module.eps, need_weight,
-                         need_bias)
+                         need_bias, absolute)
 
 
 HANDLERS = [LayerNormHandler(), RMSNormHandler(), GroupNormHandler(), InstanceNormHandler()]

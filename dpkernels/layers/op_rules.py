@@ -92,7 +92,12 @@ def _elementwise(call: OpCall, grad):
         o = s[0] if s else scalar
         G = grad(_f32(g), o, pos, k)
         G = G.expand(g.shape) if G.shape != g.shape else G
-        call.engine.record(call.name, B, [(tr.param, tr.use(_sum_to(G, shape)))])
+        psg = _sum_to(G, shape)
+        # a sum over broadcast positions (HF RMSNorm's w * x, a layer scale): its rounding
+        # error is relative to the terms' magnitudes (SummedTerms), not to the sum
+        terms = G[0].numel() // max(psg[0].numel(), 1) if G.shape[0] else 1
+        mag = _sum_to(G.abs(), shape) if terms > 1 else None
+        call.engine.record(call.name, B, [(tr.param, tr.use(psg, mag=mag, terms=terms))])
 
     return call.tap(out, record, *saved)
 
@@ -273,8 +278,9 @@ def linear(call: OpCall):
 
 
 def _norm(call: OpCall, x, weight, bias, psg):
-    """A norm op ``f(x, ..., weight, bias)``; ``psg(x, g, need_w, need_b)`` gives the
-    per-sample gradients of the affine parameters, [B, *weight.shape] each."""
+    """A norm op ``f(x, ..., weight, bias)``; ``psg(x, g, need_w, need_b, absolute)`` gives the
+    per-sample gradients of the affine parameters, [B, *weight.shape] each (``absolute``: the
+    sums of their terms' magnitudes)."""
     if _tracked_at(call, x) is not None or x.dim() < 2:
         raise Decline(call.func, "its input is a parameter or has no batch dimension")
     wt = _tracked_at(call, weight) if weight is not None else None
@@ -283,8 +289,12 @@ def _norm(call: OpCall, x, weight, bias, psg):
     out = call.run()
 
     def record(g, xs):
-        gw, gb = psg(xs, g, wt is not None, bt is not None)
-        uses = [(tr.param, tr.use(_f32(v))) for tr, v in ((wt, gw), (bt, gb)) if tr is not None]
+        gw, gb = psg(xs, g, wt is not None, bt is not None, False)
+        # the terms' magnitudes and how many positions each sums (SummedTerms' bound)
+        mw, mb = psg(xs, g, wt is not None, bt is not None, True)
+        uses = [(tr.param, tr.use(_f32(v), mag=m,
+                                  terms=math.prod(xs.shape[1:]) // max(tr.param.numel(), 1)))
+                for tr, v, m in ((wt, gw, mw), (bt, gb, mb)) if tr is not None]
         call.engine.record(call.name, B, uses)
 
     return call.tap(out, record, x)
@@ -300,24 +310,24 @@ def _bind(call: OpCall, names: str, **defaults) -> dict:
 def layer_norm(call: OpCall):
     v = _bind(call, "input normalized_shape weight bias eps", weight=None, bias=None, eps=1e-5)
     shape, eps = tuple(v["normalized_shape"]), v["eps"]
-    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb: call.engine.op(
-        "layer_norm_psg", xs, g, shape, eps, nw, nb))
+    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb, ab: call.engine.op(
+        "layer_norm_psg", xs, g, shape, eps, nw, nb, ab))
 
 
 @rule(F.rms_norm, torch.rms_norm)
 def rms_norm(call: OpCall):
     v = _bind(call, "input normalized_shape weight eps", weight=None, eps=None)
     shape, eps = tuple(v["normalized_shape"]), v["eps"]
-    return _norm(call, v["input"], v["weight"], None, lambda xs, g, nw, nb: (
-        call.engine.op("rms_norm_psg", xs, g, shape, eps), None))
+    return _norm(call, v["input"], v["weight"], None, lambda xs, g, nw, nb, ab: (
+        call.engine.op("rms_norm_psg", xs, g, shape, eps, ab), None))
 
 
 @rule(F.group_norm, torch.group_norm)
 def group_norm(call: OpCall):
     v = _bind(call, "input num_groups weight bias eps", weight=None, bias=None, eps=1e-5)
     groups, eps = v["num_groups"], v["eps"]
-    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb: call.engine.op(
-        "group_norm_psg", xs, g, groups, eps, nw, nb))
+    return _norm(call, v["input"], v["weight"], v["bias"], lambda xs, g, nw, nb, ab: call.engine.op(
+        "group_norm_psg", xs, g, groups, eps, nw, nb, ab))
 
 
 @rule(F.embedding, torch.embedding)

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dpkernels.layers import generic
-from dpkernels.layers.base import DenseUse, Use
+from dpkernels.layers.base import DenseUse, SummedDenseUse, Use
 
 
 class Decline(Exception):
@@ -72,12 +72,19 @@ class Tracked:
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
 
-    def use(self, per_sample: torch.Tensor, fast: Callable[[], Use] | None = None) -> Use:
+    def use(self, per_sample: torch.Tensor, fast: Callable[[], Use] | None = None,
+            mag: torch.Tensor | None = None, terms: int = 1) -> Use:
         """The ``Use`` of the parameter from ``per_sample`` [B, *s]: the per-sample gradients
         with respect to this tensor (``s`` its shape, with dim 0 as 1 when ``batch_const``).
-        ``fast``: a ghost-norm ``Use`` valid when this is the parameter itself."""
+        ``fast``: a ghost-norm ``Use`` valid when this is the parameter itself.  ``mag``:
+        ``per_sample`` is a sum over ``terms`` positions whose magnitudes sum to ``mag``
+        (``SummedTerms``: its cancellation bound), used when this is the parameter itself."""
         if self.fn is None:
-            return fast() if fast is not None else DenseUse(per_sample)
+            if fast is not None:
+                return fast()
+            if mag is not None:
+                return SummedDenseUse(per_sample, mag, terms)
+            return DenseUse(per_sample)
         p = self.param
         dt = torch.promote_types(p.dtype, torch.float32)
         if per_sample.shape[0] == 0:

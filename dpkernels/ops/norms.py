@@ -43,13 +43,15 @@ MAX_GROUP_CHANNELS = 4096
 )
 @triton.jit
 def _row_norm_psg_kernel(
-    x_ptr, g_ptr, gw_ptr, gb_ptr, M, N, sos, rows_per_split, n_splits, eps,
+    x_ptr, g_ptr, gw_ptr, gb_ptr, aw_ptr, ab_ptr, M, N, sos, rows_per_split, n_splits, eps,
     RMS: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ABS: tl.constexpr, MAGS: tl.constexpr,
 ):
     """Rows [split * rows_per_split, ...) of sample b; whole rows (N <= BLOCK_N) on chip.
     Writes this split's partial ``sum_m g * x_hat`` / ``sum_m g`` at ``(b * n_splits +
-    split) * sos`` (the outputs' split stride) of gw / gb."""
+    split) * sos`` (the outputs' split stride) of gw / gb; ``ABS``: ``sum_m |g * x_hat|`` /
+    ``sum_m |g|`` instead; ``MAGS``: those too, at the same place of aw / ab (the terms'
+    magnitudes, for the cancellation bound: layers/base.py ``SummedTerms``)."""
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -58,11 +60,15 @@ def _row_norm_psg_kernel(
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    mag_w = tl.zeros([BLOCK_N], dtype=tl.float32)  # reduced per tile: no second full tile
+    mag_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)  # [BM]
         mask = (m < m_end)[:, None] & mn[None, :]
         offs = (b * M + m[:, None]) * N + cols[None, :]  # [BM, BN]
         y = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ABS:  # the terms' magnitudes (affine_magnitudes)
+            y = tl.abs(y)
         if NEED_W:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if RMS:
@@ -73,14 +79,24 @@ def _row_norm_psg_kernel(
                 diff = tl.where(mask, x - mean[:, None], 0.0)
                 var = tl.sum(diff * diff, axis=1) / N
                 xhat = diff / tl.sqrt(var + eps)[:, None]
+            if ABS:
+                xhat = tl.abs(xhat)
             acc_w += y * xhat
+            if MAGS:
+                mag_w += tl.sum(tl.abs(y * xhat), axis=0)
         if NEED_B:
             acc_b += y
+            if MAGS:
+                mag_b += tl.sum(tl.abs(y), axis=0)
     out = (b * n_splits + split) * sos + cols
     if NEED_W:
         tl.store(gw_ptr + out, tl.sum(acc_w, axis=0), mask=mn)
+        if MAGS:
+            tl.store(aw_ptr + out, mag_w, mask=mn)
     if NEED_B:
         tl.store(gb_ptr + out, tl.sum(acc_b, axis=0), mask=mn)
+        if MAGS:
+            tl.store(ab_ptr + out, mag_b, mask=mn)
 
 
 @autotune(
@@ -96,7 +112,7 @@ def _row_norm_psg_kernel(
 def _group_norm_psg_kernel(
     x_ptr, g_ptr, gw_ptr, gb_ptr, G, Cg, S, eps,
     NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ABS: tl.constexpr,
 ):
     """One (sample, group): mean, then biased variance (two passes over the group, for
     accuracy), then per-channel ``sum_s g * x_hat`` and ``sum_s g``."""
@@ -129,9 +145,14 @@ def _group_norm_psg_kernel(
         mask = mc[:, None] & (s < S)[None, :]
         offs = base + ch[:, None] * S + s[None, :]
         y = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ABS:  # the terms' magnitudes (affine_magnitudes)
+            y = tl.abs(y)
         if NEED_W:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            acc_w += y * ((x - mean) * rstd)
+            xhat = (x - mean) * rstd
+            if ABS:
+                xhat = tl.abs(xhat)
+            acc_w += y * xhat
         if NEED_B:
             acc_b += y
     out = pid * Cg + ch  # [B, C] row-major: (b * G + group) * Cg + channel
@@ -144,7 +165,8 @@ def _group_norm_psg_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _row_norm_psg(x, g, normalized_shape, eps, rms, need_weight, need_bias, split=None):
+def _row_norm_psg(x, g, normalized_shape, eps, rms, need_weight, need_bias, split=None,
+                  absolute=False):
     normalized_shape = tuple(normalized_shape)
     N = math.prod(normalized_shape)
     B = x.shape[0]
@@ -170,9 +192,10 @@ def _row_norm_psg(x, g, normalized_shape, eps, rms, need_weight, need_bias, spli
     gb = both[:, :, -1] if need_bias else None
     _row_norm_psg_kernel[(B, split)](
         x_ptr=x3, g_ptr=g3, gw_ptr=gw if gw is not None else gb,
-        gb_ptr=gb if gb is not None else gw, M=M, N=N, sos=both.stride(1),
-        rows_per_split=rows_per_split, n_splits=split, eps=float(eps),
+        gb_ptr=gb if gb is not None else gw, aw_ptr=x3, ab_ptr=x3, M=M, N=N,
+        sos=both.stride(1), rows_per_split=rows_per_split, n_splits=split, eps=float(eps),
         RMS=rms, NEED_W=need_weight, NEED_B=need_bias, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        ABS=absolute, MAGS=False,
     )
     folded = both[:, 0] if split == 1 else both.sum(1)  # [B, 1 or 2, N]
 
@@ -190,34 +213,38 @@ def _check(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
 
 
 @register("layer_norm_psg", "triton")
-def layer_norm_psg(x, g, normalized_shape, eps, need_weight=True, need_bias=True):
+def layer_norm_psg(x, g, normalized_shape, eps, need_weight=True, need_bias=True,
+                   absolute=False):
     """(gw, gb), each [B, *normalized_shape] float32 or None, for LayerNorm over the last
-    ``len(normalized_shape)`` dims of ``x`` [B, ..., *normalized_shape]."""
+    ``len(normalized_shape)`` dims of ``x`` [B, ..., *normalized_shape]; ``absolute``: the
+    terms' magnitudes summed instead (reference/norms.py)."""
     if use_reference(x, g) or math.prod(tuple(normalized_shape)) > MAX_ROW:
-        return ref.layer_norm_psg(x, g, normalized_shape, eps, need_weight, need_bias)
+        return ref.layer_norm_psg(x, g, normalized_shape, eps, need_weight, need_bias,
+                                  absolute)
     _check("layer_norm_psg", x, g)
-    return _row_norm_psg(x, g, normalized_shape, eps, False, need_weight, need_bias)
+    return _row_norm_psg(x, g, normalized_shape, eps, False, need_weight, need_bias,
+                         absolute=absolute)
 
 
 @register("rms_norm_psg", "triton")
-def rms_norm_psg(x, g, normalized_shape, eps=None):
+def rms_norm_psg(x, g, normalized_shape, eps=None, absolute=False):
     """gw [B, *normalized_shape] float32 for RMSNorm; ``eps=None`` is float32's machine
     epsilon (torch computes RMSNorm of 16-bit and float32 inputs in float32)."""
     if use_reference(x, g) or math.prod(tuple(normalized_shape)) > MAX_ROW:
-        return ref.rms_norm_psg(x, g, normalized_shape, eps)
+        return ref.rms_norm_psg(x, g, normalized_shape, eps, absolute)
     _check("rms_norm_psg", x, g)
     if eps is None:
         eps = torch.finfo(torch.float32).eps
-    return _row_norm_psg(x, g, normalized_shape, eps, True, True, False)[0]
+    return _row_norm_psg(x, g, normalized_shape, eps, True, True, False, absolute=absolute)[0]
 
 
 @register("group_norm_psg", "triton")
-def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True):
+def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True, absolute=False):
     """(gw, gb), each [B, C] float32 or None, for GroupNorm of ``x`` [B, C, *spatial]."""
     B, C = x.shape[:2]
     G = int(num_groups)
     if use_reference(x, g) or C % G or C // G > MAX_GROUP_CHANNELS:
-        return ref.group_norm_psg(x, g, num_groups, eps, need_weight, need_bias)
+        return ref.group_norm_psg(x, g, num_groups, eps, need_weight, need_bias, absolute)
     _check("group_norm_psg", x, g)
     if not (need_weight or need_bias):
         return None, None
@@ -236,5 +263,6 @@ def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True):
         x_ptr=x3, g_ptr=g3, gw_ptr=gw if gw is not None else gb,
         gb_ptr=gb if gb is not None else gw, G=G, Cg=Cg, S=S, eps=float(eps),
         NEED_W=need_weight, NEED_B=need_bias, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
+        ABS=absolute,
     )
     return gw, gb

@@ -23,7 +23,10 @@ def _sum_to(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
-def _affine_psg(x, g, norm_dims, sum_dims, out_shape, need_weight, need_bias, xhat_fn):
+def _affine_psg(x, g, norm_dims, sum_dims, out_shape, need_weight, need_bias, xhat_fn,
+                absolute=False):
+    """``absolute``: the sums of the terms' magnitudes instead, ``sum_pos |g * x_hat|`` and
+    ``sum_pos |g|`` (what bounds the rounding error of the sums: ``affine_magnitudes``)."""
     dt = acc_dtype(x, g)
     B = x.shape[0]
     gw = torch.zeros(B, *out_shape, dtype=dt, device=x.device) if need_weight else None
@@ -32,8 +35,11 @@ def _affine_psg(x, g, norm_dims, sum_dims, out_shape, need_weight, need_bias, xh
         return gw, gb
     for s in chunks(B, math.prod(x.shape[1:])):
         gs = g[s].to(dt)
+        if absolute:
+            gs = gs.abs()
         if gw is not None:
-            gw[s] = _sum_to(gs * xhat_fn(x[s].to(dt), norm_dims), sum_dims).reshape(-1, *out_shape)
+            xh = xhat_fn(x[s].to(dt), norm_dims)
+            gw[s] = _sum_to(gs * (xh.abs() if absolute else xh), sum_dims).reshape(-1, *out_shape)
         if gb is not None:
             gb[s] = _sum_to(gs, sum_dims).reshape(-1, *out_shape)
     return gw, gb
@@ -48,19 +54,21 @@ def _standardize(eps):
 
 
 @register("layer_norm_psg", "reference")
-def layer_norm_psg(x, g, normalized_shape, eps, need_weight=True, need_bias=True):
+def layer_norm_psg(x, g, normalized_shape, eps, need_weight=True, need_bias=True,
+                   absolute=False):
     """(gw, gb), each [B, *normalized_shape] or None: LayerNorm over the last
-    ``len(normalized_shape)`` dims of ``x`` [B, ..., *normalized_shape]."""
+    ``len(normalized_shape)`` dims of ``x`` [B, ..., *normalized_shape].  ``absolute``: the
+    terms' magnitudes summed instead (``affine_magnitudes``)."""
     normalized_shape = tuple(normalized_shape)
     k = len(normalized_shape)
     norm_dims = tuple(range(x.dim() - k, x.dim()))
     sum_dims = tuple(range(1, x.dim() - k))
     return _affine_psg(x, g, norm_dims, sum_dims, normalized_shape, need_weight, need_bias,
-                       _standardize(eps))
+                       _standardize(eps), absolute)
 
 
 @register("rms_norm_psg", "reference")
-def rms_norm_psg(x, g, normalized_shape, eps=None):
+def rms_norm_psg(x, g, normalized_shape, eps=None, absolute=False):
     """gw [B, *normalized_shape] for RMSNorm.  ``eps=None`` is the machine epsilon of the
     dtype torch computes in (float32 for bf16/fp16/float32 inputs, float64 for float64)."""
     normalized_shape = tuple(normalized_shape)
@@ -73,11 +81,12 @@ def rms_norm_psg(x, g, normalized_shape, eps=None):
 
     norm_dims = tuple(range(x.dim() - k, x.dim()))
     sum_dims = tuple(range(1, x.dim() - k))
-    return _affine_psg(x, g, norm_dims, sum_dims, normalized_shape, True, False, xhat)[0]
+    return _affine_psg(x, g, norm_dims, sum_dims, normalized_shape, True, False, xhat,
+                       absolute)[0]
 
 
 @register("group_norm_psg", "reference")
-def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True):
+def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True, absolute=False):
     """(gw, gb), each [B, C] or None: GroupNorm of ``x`` [B, C, *spatial]; InstanceNorm is
     ``num_groups = C``."""
     B, C = x.shape[:2]
@@ -90,4 +99,4 @@ def group_norm_psg(x, g, num_groups, eps, need_weight=True, need_bias=True):
 
     x3 = x.reshape(B, C, S)
     g3 = g.reshape(B, C, S)
-    return _affine_psg(x3, g3, None, (2,), (C,), need_weight, need_bias, xhat)
+    return _affine_psg(x3, g3, None, (2,), (C,), need_weight, need_bias, xhat, absolute)
