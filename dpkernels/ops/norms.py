@@ -145,16 +145,14 @@ def _group_norm_psg_kernel(
         mask = mc[:, None] & (s < S)[None, :]
         offs = base + ch[:, None] * S + s[None, :]
         y = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ABS:  # the terms' magnitudes (affine_magnitudes)
-            y = tl.abs(y)
         if NEED_W:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
-            if ABS:
-                xhat = tl.abs(xhat)
-            acc_w += y * xhat
+            t = y * ((x - mean) * rstd)
+            if ABS:  # the terms' magnitudes (affine_magnitudes): |g * x_hat| = |g| |x_hat|
+                t = tl.where(t < 0.0, -t, t)
+            acc_w += t
         if NEED_B:
-            acc_b += y
+            acc_b += tl.where(y < 0.0, -y, y) if ABS else y
     out = pid * Cg + ch  # [B, C] row-major: (b * G + group) * Cg + channel
     if NEED_W:
         tl.store(gw_ptr + out, tl.sum(acc_w, axis=1), mask=mc)
