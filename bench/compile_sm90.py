@@ -216,15 +216,16 @@ def shapes() -> None:
             norms.group_norm_psg(x, x, G, 1e-5, False, True)
         dense.add_noise(torch.zeros(1000), 0.7, 11, 2.0)
         dense.add_noise_many([torch.zeros(1000), torch.zeros(3, 5)], 0.7, [11, 2**61 + 3], 2.0)
-        dense.rows_clipped_sum_many([(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
-                                    c, [None, torch.randn(300)])
+        dense.rows_clipped_sum_many(
+            [(R(16, 256, 768, dt=dt), (768,)), (R(16, 1, 300, dt=dt), (300,))],
+            c, [None, torch.randn(300)])
         dense.dense_norm(R(16, 768, dt=dt))
         dense.dense_norm_many([R(16, 768, dt=dt), R(16, 2, 300, dt=dt)[:, 1]])
-        for xs, ws, st, pad, dil, grp in [((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
-                                           ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
-                                           ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
-                                           ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), (1, 1, 1), (1, 1, 1),
-                                            (1, 1, 1), 1)]:
+        for xs, ws, st, pad, dil, grp in [
+                ((2, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+                ((2, 32, 9, 9), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
+                ((2, 6, 20), (8, 3, 5), (1,), (4,), (2,), 2),
+                ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)]:
             x = R(*xs, dt=dt)
             fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
                   5: torch.nn.functional.conv3d}[len(xs)]

@@ -25,7 +25,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": common.version("triton"),
         "git_sha": common.git_sha(),
         "torch_threads": torch.get_num_threads(),
-        "backends": "reference, triton" if device == "cuda" else "reference (no GPU: triton skipped)",
+        "backends": ("reference, triton" if device == "cuda"
+                     else "reference (no GPU: triton skipped)"),
     }
 
 

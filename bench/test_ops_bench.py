@@ -223,7 +223,8 @@ CPU = {
 # 784-1024-1024-10 (shared/ANCHORS.md, bench/models.py).
 GPT_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 GPU = {
-    "linear_norm": {"gpt-fc1": _linear(16, 256, 768, 3072), "gpt-head": _linear(16, 256, 768, 16384),
+    "linear_norm": {"gpt-fc1": _linear(16, 256, 768, 3072),
+                    "gpt-head": _linear(16, 256, 768, 16384),
                     "mlp-fc2": _linear(1024, 1, 1024, 1024)},
     "linear_norms": {"gpt-qkv": _linear(16, 256, 768, 2304)},
     "linear_bias_norm": {"gpt-fc1": lambda dt: ((_r(16, 256, 3072, dt=dt),), {})},

@@ -52,7 +52,8 @@ def main(argv=None):
                                   n_head=4, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(a.seed)
     model = transformers.GPT2LMHeadModel(cfg)  # model(input_ids): [1, T] position ids, tied head
-    train, test = synthetic(a.n, vocab, length, a.seed), synthetic(a.n_test, vocab, length, a.seed + 1)
+    train = synthetic(a.n, vocab, length, a.seed)
+    test = synthetic(a.n_test, vocab, length, a.seed + 1)
     q = a.batch_size / len(train)
 
     if a.noise_multiplier is None:

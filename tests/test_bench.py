@@ -3,8 +3,8 @@ processes, its CSV contract, Opacus reported as skipped when it is missing), and
 bench/models.py model through one forward."""
 
 import csv
-import json
 import importlib.util
+import json
 import os
 import subprocess
 import sys

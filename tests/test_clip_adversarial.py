@@ -275,14 +275,14 @@ def test_norm_affine_terms_that_cancel(kind, backend, mode):
         r = torch.randn(n, generator=g) * 2.0**18
         R = torch.stack([r, -r + torch.randn(n, generator=g), r, -r])[None]  # float32 values
 
-        def loss(o):
+        def loss(o, R=R):
             return (o * R.to(o.dtype)).sum()
 
         factors = []
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1.0,
                                     loss_reduction="sum", backend=backend, seed=0, mode=mode)
-        dp.engine.factor_hooks.append(lambda nrm, f: factors.append(f.double()))
+        dp.engine.factor_hooks.append(lambda nrm, f, out=factors: out.append(f.double()))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -374,14 +374,14 @@ def test_tied_embedding_head_crafted(tiny, backend, mode):
             R = R * 1e17
         ids = torch.tensor([[3, 3, 3, 5]])
 
-        def loss(o):
+        def loss(o, R=R):
             return (o * R.to(o.dtype)).sum()
 
         factors = []
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         dp = dpkernels.make_private(model, opt, noise_multiplier=0.0, max_grad_norm=C,
                                     loss_reduction="sum", backend=backend, seed=0, mode=mode)
-        dp.engine.factor_hooks.append(lambda nrm, f: factors.append(f.double()))
+        dp.engine.factor_hooks.append(lambda nrm, f, out=factors: out.append(f.double()))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

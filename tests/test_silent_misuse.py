@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import RTOL_F64, check_engine, ce, oracle, rel_err
+from oracle import RTOL_F64, ce, check_engine, oracle, rel_err
 from torch import nn
 
 import dpkernels

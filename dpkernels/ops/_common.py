@@ -252,7 +252,7 @@ def device_table(rows: list, dtype: torch.dtype, device) -> torch.Tensor:
     pack = [key] + [k for k in _STAGED.pop(key[0], []) if k != key]
     words: list[int] = []
     where = []
-    for _, dt, _, data in pack:
+    for *_, data in pack:
         where.append(len(words))
         data = data + bytes(-len(data) % 16)  # every table 16-byte aligned
         words.extend(array("q", data))

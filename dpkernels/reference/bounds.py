@@ -65,8 +65,8 @@ def clip_factors(norm_sq: torch.Tensor, err_sq: torch.Tensor | None, loss_scale:
                  margin: float, max_grad_norm: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """([B] norms, [B] clip factors ``min(C / (bound + 1e-6), 1)``, 0 where the norm or its
-    bound is not finite or the factor is below the smallest normal number, a 0-dim bool: every norm and bound finite) from [B] raw squared norms
-    (``norm_bound``)."""
+    bound is not finite or the factor is below the smallest normal number, a 0-dim bool: every
+    norm and bound finite) from [B] raw squared norms (``norm_bound``)."""
     norms, bound = norm_bound(norm_sq, err_sq, loss_scale, margin)
     factors = (max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
     # a subnormal factor is rounded with a relative error up to 1 (C = 1e-30, bound 1e15:
