@@ -83,19 +83,26 @@ def train(model, dp, scheds, first, last):
             s.step()
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=[s.__name__ for s in SETUPS])
-def test_resume_equals_uninterrupted_run(setup):
+def runs(setup, steps, saved_at):
+    """An uninterrupted run of ``steps`` steps (model, optimizer, schedules), a run stopped
+    after ``saved_at`` steps (its optimizer and schedules, its state_dict), and a fresh model
+    holding that run's weights with an optimizer built with the other arguments."""
     straight = mlp()
     dp, scheds = build(straight, setup, True)
-    train(straight, dp, scheds, 0, 6)
-
+    train(straight, dp, scheds, 0, steps)
     first = mlp()
     dp1, scheds1 = build(first, setup, True)
-    train(first, dp1, scheds1, 0, 3)
+    train(first, dp1, scheds1, 0, saved_at)
     state, weights = copy.deepcopy(dp1.state_dict()), copy.deepcopy(first.state_dict())
     resumed = mlp()
     resumed.load_state_dict(weights)
     dp2, scheds2 = build(resumed, setup, False)
+    return (straight, dp, scheds), (dp1, scheds1, state), (resumed, dp2, scheds2)
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=[s.__name__ for s in SETUPS])
+def test_resume_equals_uninterrupted_run(setup):
+    (straight, dp, scheds), (dp1, scheds1, state), (resumed, dp2, scheds2) = runs(setup, 6, 3)
     dp2.load_state_dict(state)
     assert dp2.max_grad_norm == dp1.max_grad_norm
     if dp1.engine.clipping == "per_layer":
@@ -121,16 +128,8 @@ def test_lambda_schedule_resumes_with_the_new_function():
     def setup(saved):
         return dict(max_grad_norm=0.3 if saved else 2.0), [(LambdaClip, dict(fn=lambda t:
                                                                              1.0 / (1 + t)))]
-    straight = mlp()
-    dp, scheds = build(straight, setup, True)
-    train(straight, dp, scheds, 0, 4)
-    first = mlp()
-    dp1, scheds1 = build(first, setup, True)
-    train(first, dp1, scheds1, 0, 2)
-    resumed = mlp()
-    resumed.load_state_dict(first.state_dict())
-    dp2, scheds2 = build(resumed, setup, False)
-    dp2.load_state_dict(copy.deepcopy(dp1.state_dict()))
+    (straight, dp, _), (dp1, _, state), (resumed, dp2, scheds2) = runs(setup, 4, 2)
+    dp2.load_state_dict(state)
     train(resumed, dp2, scheds2, 2, 4)
     assert dp2.max_grad_norm == dp.max_grad_norm == 0.3 / 5
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -282,17 +281,7 @@ def test_load_state_dict_into_an_optimizer_mid_logical_batch(setup):
     """Loading into an optimizer that has a logical batch in progress is refused (its pending
     sums were clipped with its own settings) and changes nothing; after discard() the load
     resumes the saved run exactly."""
-    straight = mlp()
-    dp, scheds = build(straight, setup, True)
-    train(straight, dp, scheds, 0, 5)
-
-    first = mlp()
-    dp1, scheds1 = build(first, setup, True)
-    train(first, dp1, scheds1, 0, 3)
-    state, weights = copy.deepcopy(dp1.state_dict()), copy.deepcopy(first.state_dict())
-    resumed = mlp()
-    resumed.load_state_dict(weights)
-    dp2, scheds2 = build(resumed, setup, False)
+    (straight, dp, _), (dp1, scheds1, state), (resumed, dp2, scheds2) = runs(setup, 5, 3)
     _half_batch(resumed, dp2, accumulate=True)
     before = (dp2.max_grad_norm, dp2.noise_multiplier, dp2.steps, dp2.loss_reduction,
               dp2.expected_batch_size, getattr(dp2.engine, "group_bounds", None),

@@ -60,6 +60,25 @@ def _no_spill(configs, named_args, **kwargs):
     return [c for c in configs if fits(c)] or configs[:1]
 
 
+@triton.jit
+def _use_tile_pair(table_ptr, pairs_ptr, n_pairs, BLOCK_T: tl.constexpr):
+    """What a ghost-form program (sample ``program_id(0)``, use ``program_id(1)``, partial
+    ``q = program_id(2)``) works on: its table row, q, whether tile pair q (from the pair
+    table of the longest use of the launch) lies within this use's T, the pair's position
+    rows and masks [BT], and its weight (2 off the diagonal, 1 on it)."""
+    b = tl.program_id(0).to(tl.int64)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
+    q = tl.program_id(2).to(tl.int64)
+    T = tl.load(row + 10)
+    qp = tl.minimum(q, n_pairs - 1)
+    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
+    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
+    active = (q < n_pairs) & (tj * BLOCK_T < T)
+    ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    return b, row, q, active, ri, rj, ri < T, rj < T, tl.where(ti == tj, 1.0, 2.0)
+
+
 @autotune(
     [
         triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
@@ -79,22 +98,13 @@ def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
     entries; a pair past this use's T, or q >= n_pairs, contributes 0):
     ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} (a_t.a_s)(g_t.g_s)`` and, with a bias row,
     ``part[k, b, q] = (1 or 2) sum_{t in i, s in j} g_t.g_s``; off-diagonal pairs count twice."""
-    b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
-    q = tl.program_id(2).to(tl.int64)
-    T = tl.load(row + 10)
+    b, row, q, active, ri, rj, mi, mj, twice = _use_tile_pair(table_ptr, pairs_ptr, n_pairs,
+                                                               BLOCK_T)
     kw = tl.load(row + 11)
     kb = tl.load(row + 12)
-    qp = tl.minimum(q, n_pairs - 1)
-    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
-    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
     s = 0.0
     sb = 0.0
-    if (q < n_pairs) & (tj * BLOCK_T < T):
-        ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-        rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-        mi = ri < T
-        mj = rj < T
+    if active:
         a_ptr = tl.load(row + 0).to(tl.pointer_type(TYPE))
         sab, sat, sak = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
         gram_a = gram_tile(a_ptr, sab, sat, sak, a_ptr, sab, sat, sak, b, ri, rj, mi, mj,
@@ -103,7 +113,6 @@ def _ghost_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
         sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
         gram_g = gram_tile(g_ptr, sgb, sgt, sgk, g_ptr, sgb, sgt, sgk, b, ri, rj, mi, mj,
                            tl.load(row + 9), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
-        twice = tl.where(ti == tj, 1.0, 2.0)
         s = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0) * twice
         sb = tl.sum(tl.sum(gram_g, axis=1), axis=0) * twice
     tl.store(part_ptr + (kw * B + b) * n_part + q, s)
@@ -177,20 +186,11 @@ def _embedding_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
     """An Embedding use (ids in the table's a slots, the padding id in slot 4, -1: none), as
     ``_ghost_many_kernel``: ``part[w, b, q] = (1 or 2) sum_{t in i, s in j} [x_t = x_s]
     (g_t.g_s)`` over non-padding positions."""
-    b = tl.program_id(0).to(tl.int64)
-    row = table_ptr + tl.program_id(1).to(tl.int64) * 16
-    q = tl.program_id(2).to(tl.int64)
-    T = tl.load(row + 10)
+    b, row, q, active, ri, rj, mi, mj, twice = _use_tile_pair(table_ptr, pairs_ptr, n_pairs,
+                                                               BLOCK_T)
     kw = tl.load(row + 11)
-    qp = tl.minimum(q, n_pairs - 1)
-    ti = tl.load(pairs_ptr + 2 * qp).to(tl.int64)
-    tj = tl.load(pairs_ptr + 2 * qp + 1).to(tl.int64)
     s = 0.0
-    if (q < n_pairs) & (tj * BLOCK_T < T):
-        ri = ti * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-        rj = tj * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-        mi = ri < T
-        mj = rj < T
+    if active:
         ids_ptr = tl.load(row + 0).to(tl.pointer_type(IDS_TYPE))
         sib, sit, pad = tl.load(row + 1), tl.load(row + 2), tl.load(row + 4)
         xi = tl.load(ids_ptr + b * sib + ri * sit, mask=mi, other=0).to(tl.int64)  # [BT]
@@ -200,8 +200,7 @@ def _embedding_many_kernel(table_ptr, pairs_ptr, part_ptr, B, n_pairs, n_part,
         sgb, sgt, sgk = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
         gram = gram_tile(g_ptr, sgb, sgt, sgk, g_ptr, sgb, sgt, sgk, b, ri, rj, mi, mj,
                          tl.load(row + 9), UPCAST, PRECISION, BLOCK_T, BLOCK_K)  # [BT, BT]
-        s = tl.sum(tl.sum(tl.where(eq, gram, 0.0), axis=1), axis=0) * tl.where(ti == tj, 1.0,
-                                                                               2.0)
+        s = tl.sum(tl.sum(tl.where(eq, gram, 0.0), axis=1), axis=0) * twice
     tl.store(part_ptr + (kw * B + b) * n_part + q, s)
 
 

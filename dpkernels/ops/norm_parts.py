@@ -10,8 +10,8 @@ import torch
 import triton
 
 from dpkernels.dispatch import register
-from dpkernels.ops._common import check_float, num_sms, use_reference
-from dpkernels.ops.norms import MAX_ROW, _row_norm_psg_kernel
+from dpkernels.ops._common import num_sms, use_reference
+from dpkernels.ops.norms import MAX_ROW, _check, _row_norm_psg_kernel
 from dpkernels.reference import norm_parts as ref
 
 
@@ -51,13 +51,6 @@ def _parts(x, g, normalized_shape, eps, rms, need_weight, need_bias, magnitudes=
         ABS=False, MAGS=bool(magnitudes),
     )
     return (gw, gb, aw, ab) if magnitudes else (gw, gb)
-
-
-def _check(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-    if x.shape != g.shape:
-        raise ValueError(f"dpkernels.ops.{name}: x {tuple(x.shape)} and g {tuple(g.shape)} "
-                         "differ")
-    check_float(name, x, g)
 
 
 @register("layer_norm_psg_parts", "triton")
