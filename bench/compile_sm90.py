@@ -28,7 +28,8 @@ Use the triton the GPU machine has (3.6 at the time of writing), next to any tor
 
 ``--only models`` or ``--only shapes`` runs one source (the models alone take a few minutes
 on 2 cores, everything 20-30 with a cold cache; compiled kernels are cached in
-$TRITON_CACHE_DIR).  Exit status 1 if any variant fails to compile or spills.
+$TRITON_CACHE_DIR).  Exit status 1 if any variant fails to compile or spills, or if a norm
+kernel's tensor-core chunk accumulates into anything but zero (``chunk_check``).
 """
 
 import argparse
@@ -109,6 +110,44 @@ def _spill(ru: str, what: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+# Kernels whose tensor-core dots compute norms through ops/_common.norm_mma: every chunk must
+# start from a zero accumulator (or continue a chain of dots of the same chunk), never from
+# the running Gram or W tile, or the cancellation bounds (reference/bounds.dot_roundings) do
+# not hold.  Triton folds ``acc + tl.dot(x, y)`` into ``tl.dot(x, y, acc)``; norm_mma avoids
+# that form, and this check reads the compiled TTGIR to make sure no compiler does it anyway.
+NORM_KERNELS = {"_ghost_many_kernel", "_embedding_many_kernel", "_linear_ghost_kernel",
+                "_linear_direct_kernel", "_embedding_ghost_kernel", "_conv_ghost_kernel",
+                "_conv_direct_kernel"}
+CHUNK_FAIL: list[tuple] = []
+_DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+
+
+def chunk_check(ttgir: str) -> str | None:
+    """None when every tensor-core dot of ``ttgir`` accumulates into a zero constant or into
+    the result of another dot (a chunk's chain); otherwise the offending line."""
+    zeros, from_dot, bad, n = set(), set(), None, 0
+    for line in ttgir.splitlines():
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, op, rest = m.groups()
+        operands = [o.split("#")[0] for o in re.findall(r"%[\w.#]+", rest.split("{")[0])]
+        if op == "arith.constant" and re.match(r"dense<0\.0+e\+00>", rest):
+            zeros.add(name)
+        elif op in ("ttng.warp_group_dot", "tt.dot"):
+            n += 1
+            acc = operands[2] if len(operands) > 2 else None
+            if acc not in zeros and acc not in from_dot and bad is None:
+                bad = line.strip()[:200]
+            from_dot.add(name)
+        elif op in ("ttng.warp_group_dot_wait", "ttg.convert_layout") and operands and (
+                operands[0] in from_dot):
+            from_dot.add(name)
+    if n == 0:
+        return "no tensor-core dot found"
+    return bad
+
+
 PHASE = "shapes"  # which source the launches come from now
 SOURCES: dict[tuple, set] = {}
 
@@ -126,6 +165,11 @@ def run(self, *args, grid, warmup, **kwargs):
         print("FAIL", tag, str(e)[-1500:], flush=True)
         return None
     if tag not in SEEN:
+        if self.__name__ in NORM_KERNELS and ce.get("PRECISION", "ieee") != "ieee":
+            bad = chunk_check(k.asm["ttgir"])
+            if bad:
+                CHUNK_FAIL.append((tag, bad))
+                print("CHUNK", tag, bad, flush=True)
         ru = res_usage(k.asm["cubin"])
         if _field(ru, "STACK") or _field(ru, "LOCAL"):
             ru += " | " + spill_report(k.asm["ptx"])
@@ -329,12 +373,15 @@ def report(out: str | None) -> int:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     summary = (f"variants {len(rows)} (bench models: {len(in_models)}), failures {len(FAIL)}, "
                f"spilling {len(spilling)} (bench models: "
-               f"{sum('models' in r[0] for r in spilling)})")
+               f"{sum('models' in r[0] for r in spilling)}), norm kernels whose tensor-core "
+               f"chunks accumulate into anything but zero: {len(CHUNK_FAIL)}")
     print("\n".join(md))
     for r in spilling:
         print("SPILLS", r[0], r[1], r[2], r[3], r[4], f"{r[8]} B stores, {r[9]} B loads")
     for tag, err in FAIL:
         print("FAILED", tag, err)
+    for tag, line in CHUNK_FAIL:
+        print("CHUNK", tag, line)
     print(summary)
     if out:
         with open(out, "w") as f:
@@ -350,7 +397,10 @@ def report(out: str | None) -> int:
             if FAIL:
                 f.write("\n## Failures\n\n")
                 f.write("\n".join(f"- {t}: {e}" for t, e in FAIL) + "\n")
-    return 1 if FAIL or spilling else 0
+            if CHUNK_FAIL:
+                f.write("\n## Norm kernels with an accumulating tensor-core chunk\n\n")
+                f.write("\n".join(f"- {t}: `{ln}`" for t, ln in CHUNK_FAIL) + "\n")
+    return 1 if FAIL or spilling or CHUNK_FAIL else 0
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,15 @@ FP32_GEMM_FLOPS = 39e12
 TRITON_FMA_SHARE = 0.5
 # Triton 16-bit tl.dot (wgmma) against cuBLAS: ASSUMED share of the measured GEMM rate.
 TRITON_TC_SHARE = 0.8
+# float32 non-FMA ALU/INT operations per second (132 SMs x 128 lanes x 1.98 GHz): what the norm
+# kernels' float32 split (ops/_common.norm_mma: row scaling, TF32 split, scaling back, ~12
+# operations per operand element and 3 per output element of a chunk) runs at, ASSUMED not to
+# overlap the tensor-core work at all.
+FP32_ALU_OPS = 33.5e12
+# the kernels whose float32 dots go through norm_mma's split
+SPLIT_NORM_KERNELS = {"_ghost_many_kernel", "_embedding_many_kernel", "_linear_ghost_kernel",
+                      "_linear_direct_kernel", "_embedding_ghost_kernel", "_conv_ghost_kernel",
+                      "_conv_direct_kernel"}
 KERNEL_FLOOR_S = 2.5e-6  # least device time of any kernel, launch gap included (assumed)
 # Host time per kernel-launching eager torch op, Python and autograd around it included,
 # calibrated: ANCHORS.md's non-private gpt bf16 step (11.1 ms, 332 ops here, host-bound) and
@@ -223,14 +232,30 @@ def _base(fn):
     return fn
 
 
-def _dot_rate(kw) -> float:
+def _split_alu_share(name: str, kw) -> float:
+    """ALU time of norm_mma's float32 split per unit of its tensor-core time, for the chunk
+    shape of ``name`` (operands M x K and K x N, output M x N)."""
+    if name in ("_linear_direct_kernel", "_conv_direct_kernel"):
+        M, N, K = kw.get("BLOCK_P", 64), kw.get("BLOCK_D", 64), kw.get("BLOCK_T", 32)
+    else:
+        M = N = kw.get("BLOCK_T", 64)
+        K = kw.get("BLOCK_K", 32)
+    alu_s = (12.0 * (M * K + K * N) + 3.0 * M * N) / FP32_ALU_OPS
+    tc_s = 6.0 * M * N * K / (TF32_FLOPS * TRITON_TC_SHARE)
+    return alu_s / tc_s
+
+
+def _dot_rate(kw, name: str = "") -> float:
     a = kw.get("a_ptr", kw.get("a1_ptr", kw.get("g1_ptr")))
     if a is not None and a.dtype in (torch.bfloat16, torch.float16):
         return BF16_FLOPS * TRITON_TC_SHARE
     if str(kw.get("TYPE")) in ("bf16", "fp16"):  # table-driven kernels name their dtype
         return BF16_FLOPS * TRITON_TC_SHARE
     if kw.get("PRECISION") == "tf32x3":
-        return TF32_FLOPS * TRITON_TC_SHARE / 3
+        rate = TF32_FLOPS * TRITON_TC_SHARE / 3
+        if name in SPLIT_NORM_KERNELS:
+            rate /= 1.0 + _split_alu_share(name, kw)
+        return rate
     return FP32_GEMM_FLOPS * TRITON_FMA_SHARE
 
 
@@ -281,8 +306,8 @@ def _record_launch(self, grid):
             nbytes, flops = _NOTED.pop()
         tr = TRACE
         if tr is not None:
-            tr.launches.append(Launch("triton", name, tr.phase, nbytes, flops, _dot_rate(kw), g,
-                                      desc))
+            tr.launches.append(Launch("triton", name, tr.phase, nbytes, flops,
+                                      _dot_rate(meta, name), g, desc))
 
     return launch
 
@@ -404,7 +429,10 @@ def main(argv=None) -> int:
         f"max(bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s, FLOPs / rate, "
         f"{KERNEL_FLOOR_S * 1e6:.1f} us); rates: bf16 {BF16_FLOPS / 1e12:.0f}, fp32 cuBLAS "
         f"{FP32_GEMM_FLOPS / 1e12:.0f}, Triton fp32 ieee x{TRITON_FMA_SHARE}, Triton 16-bit "
-        f"x{TRITON_TC_SHARE} TFLOP/s; host {HOST_TORCH_OP_S * 1e6:.0f} us per torch op, "
+        f"x{TRITON_TC_SHARE} TFLOP/s, Triton tf32x3 (3 TF32 dots) at TF32 "
+        f"{TF32_FLOPS / 1e12:.0f} x{TRITON_TC_SHARE} / 3, the norm kernels' float32 split "
+        f"slowed further by its ALU work at {FP32_ALU_OPS / 1e12:.1f} Tops/s, not overlapped; "
+        f"host {HOST_TORCH_OP_S * 1e6:.0f} us per torch op, "
         f"{HOST_TRITON_LAUNCH_S * 1e6:.0f} us per Triton launch; step = max(device, host).\n")
     md.append("| model | dtype | B | T | mode | Triton launches | torch kernels | extra launches "
               "| allocations | GB | TFLOP | est. device ms | est. host ms | est. step ms "

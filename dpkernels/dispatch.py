@@ -163,7 +163,14 @@ def _device_type(args, kwargs) -> str:
 
 
 def call(name: str, backend: str, *args, **kwargs):
-    fn, _ = resolve(name, backend, _device_type(args, kwargs))
+    device_type = _device_type(args, kwargs)
+    fn, chosen = resolve(name, backend, device_type)
+    if chosen == "reference" and device_type != "cpu":
+        # the reference multiplies float32 with torch, which may use TF32 on a GPU
+        from dpkernels.reference._common import exact_fp32
+
+        with exact_fp32():
+            return fn(*args, **kwargs)
     return fn(*args, **kwargs)
 
 

@@ -4,7 +4,8 @@ bf16, and the statistics of the fused noise epilogue.  Skipped without CUDA (con
 Tolerances: float32 follows flash-attention's rule (at most 2x torch's own float32 error
 against float64, + 16 eps32).  bf16 inputs are compared on their exact float32 values: their
 products are exact in float32, so the same rule holds.  With TF32 allowed the kernels use
-"tf32x3" (float32-accurate, ~1e-6 here); plain TF32 rounds every input to a 10-bit mantissa.
+"tf32x3" (float32-accurate, ~1e-6 here), and the float32 norm kernels always do (their own
+split, ops/_common.norm_mma); plain TF32 rounds every input to a 10-bit mantissa.
 On random inputs those roundings average out (simulated TF32 norms are only 3.5-8.6e-6 off),
 so the TF32 test uses inputs +-(1 + 2^-12): TF32 rounds each to +-1, the same relative error
 2^-12 in every product, ~5e-4 in a squared norm, while tf32x3 keeps the 2^-12 exactly.
@@ -95,6 +96,54 @@ def test_tf32_allowed_keeps_float32_accuracy():
             assert rel(out, want) < 1e-5, ("conv", method)
         out = linear.linear_clipped_sum(a, g, c)
         assert rel(out, ref.linear_clipped_sum(a.double(), g.double(), c.double())) < 1e-5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _hard(B, T, d, kind, seed):
+    """Rows that cancel across positions, rows spanning 50 binades, or plain Gaussian rows."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, T, d, device="cuda", dtype=torch.float64, generator=g)
+    if kind == "cancel":
+        x[:, 1::2] = -x[:, 0::2][:, :x[:, 1::2].shape[1]] + 1e-3 * x[:, 1::2]
+        x = x * 2.0**11
+    elif kind == "binades":
+        x = x * torch.pow(2.0, torch.randint(-30, 21, (B, T, d), device="cuda",
+                                             generator=g).double())
+    return x.float()
+
+
+@pytest.mark.parametrize("kind", ["cancel", "binades", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tensor_core_norms_within_the_charged_bound(kind, dtype, tf32):
+    """The norm kernels' error never exceeds what the engine charges for it: kappa u S^2
+    (ghost; kappa from reference/bounds.dot_roundings on this device) or the direct form's
+    (r(T) + 16) u S, whichever is larger (layers/base.cancellation_bounds), whatever torch's
+    TF32 setting.  The inputs are built to make tensor-core truncation and the float32 split
+    hurt (tests/test_tensor_core_norms.py checks the same model on the CPU)."""
+    _, _, linear, _ = _ops()
+    from dpkernels.ops import ghost_many
+    from dpkernels.reference import linear as ref
+    from dpkernels.reference.bounds import dot_roundings
+
+    B, T, d, p = 6, 96, 768, 2304
+    a = _hard(B, T, d, kind, 1).to(dtype)
+    g = _hard(B, T, p, "cancel" if kind == "plain" else kind, 2).to(dtype)
+    S = (a.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1)
+    u = 2.0**-24
+    ghost = (dot_roundings(d, a) + dot_roundings(p, g) + 2 * T + 16) * u * S * S
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for method in ("ghost", "direct"):
+            exact = ref.linear_norm(a.double(), g.double(), method)
+            e = (dot_roundings(T, g) + 16) * u * S
+            bound = torch.maximum(ghost, (2.0 * exact.sqrt() + e) * e)
+            out = linear.linear_norm(a, g, method).double()
+            assert torch.all((out - exact).abs() <= bound), (method, (out - exact).abs() / bound)
+        many = ghost_many.linear_norms_many([(a, g, "ghost", False)])[0].double()
+        assert torch.all((many - exact).abs() <= bound)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 

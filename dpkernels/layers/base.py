@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from dpkernels.reference import bounds as ref_bounds
+from dpkernels.reference.bounds import dot_roundings
 
 Op = Callable[..., torch.Tensor]
 
@@ -33,12 +34,13 @@ def unit_roundoff(t: torch.Tensor) -> float:
 # terms' magnitudes*, not to the result: a crafted sample with x_2 = -x_1 + e has a tiny norm
 # and huge terms, and a relative margin on the norm does not bound its error.  The bounds below
 # are in terms of S_b = sum_t |a_t| |g_t| (the magnitude of the per-sample gradient's terms):
-#   ghost  |n^2 - n_hat^2| <= kappa u S^2, kappa = d + p + 2T + 16: dot products along d and
-#          p accumulate sequentially (gamma_d, gamma_p), and the T^2 pair products are summed
-#          in tiles (a tree inside a tile, sequential over tiles) or by torch's cascade sum,
-#          both within 2T + 16 roundings for T >= 1;
-#   direct/sum  |n - n_hat| <= gamma S with gamma = (T + 16) u: the per-sample gradient itself
-#          is a sum over T positions.
+#   ghost  |n^2 - n_hat^2| <= kappa u S^2, kappa = r(d) + r(p) + 2T + 16: a dot product of
+#          length K costs r(K) roundings (reference/bounds.dot_roundings: K for FMA loops on the
+#          CPU; on a GPU also what the tensor-core norm kernels may do, ops/_common.norm_mma),
+#          and the T^2 pair products are summed in tiles (a tree inside a tile, sequential over
+#          tiles) or by torch's cascade sum, both within 2T + 16 roundings for T >= 1;
+#   direct/sum  |n - n_hat| <= gamma S with gamma = (r(T) + 16) u: the per-sample gradient
+#          itself is a sum over T positions.
 # The engine adds these to the squared norms before clipping (DESIGN.md section 6).
 
 
@@ -56,7 +58,10 @@ def unit_roundoff(t: torch.Tensor) -> float:
 # not amplified that way (a product of the two Grams, a bias or embedding norm whose Gram has
 # the gradient's own entries, the direct form's entries) are absolute and below 1e-30 for any
 # sane shape: inside the 1e-6 that the clip factor C / (bound + 1e-6) adds to the bound.
-UNDERFLOW = {torch.float64: 2.0**-1022, torch.float32: 2.0**-126}
+# float32's eta is 2^-125, twice the smallest normal number: on a tensor core a block's partial
+# sum may be flushed as well as a product (ops/_common.norm_mma; its float32 path scales rows
+# so that nothing inside a chunk underflows, only the chunk's scaled-back sum may).
+UNDERFLOW = {torch.float64: 2.0**-1022, torch.float32: 2.0**-125}
 
 
 def underflow_eta(*dtypes: torch.dtype) -> float:
@@ -64,7 +69,7 @@ def underflow_eta(*dtypes: torch.dtype) -> float:
     dt = torch.float32
     for d in dtypes:
         dt = torch.promote_types(dt, d)
-    return UNDERFLOW.get(dt, 2.0**-126)
+    return UNDERFLOW.get(dt, 2.0**-125)
 
 
 def underflow_own(use: Use) -> torch.Tensor | None:
@@ -380,13 +385,14 @@ class LinearUse(Use):
         return self.g, self.a, self.g.shape[-1], self.a.shape[-1]
 
     def kappa(self) -> int:
-        return self.a.shape[-1] + self.g.shape[-1] + 2 * self.a.shape[1] + 16
+        return (dot_roundings(self.a.shape[-1], self.a) + dot_roundings(self.g.shape[-1], self.g)
+                + 2 * self.a.shape[1] + 16)
 
     def bound_constants(self):
         T = self.a.shape[1]
         if T <= 1:  # ||a||^2 ||g||^2: products of sums of squares, no cancellation
             return None
-        return self.kappa(), T
+        return self.kappa(), dot_roundings(T, self.g)
 
     def error_terms(self):
         k = self.bound_constants()
@@ -427,12 +433,12 @@ class BiasUse(Use):
         return None, self.g
 
     def kappa(self) -> int:
-        return self.g.shape[-1] + 2 * self.g.shape[1] + 16
+        return dot_roundings(self.g.shape[-1], self.g) + 2 * self.g.shape[1] + 16
 
     def bound_constants(self):
         if self.g.shape[1] <= 1:
             return None
-        return self.kappa(), self.g.shape[1]
+        return self.kappa(), dot_roundings(self.g.shape[1], self.g)
 
     def error_terms(self):
         k = self.bound_constants()

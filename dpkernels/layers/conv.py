@@ -17,6 +17,7 @@ from torch import nn
 
 from dpkernels.layers.base import BiasUse, Op, Use, underflow_eta
 from dpkernels.layers.linear import cast_for_autocast, check_input_dtype
+from dpkernels.reference.bounds import dot_roundings
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -94,15 +95,15 @@ class ConvUse(Use):
 
     def kappa(self) -> int:
         T = math.prod(self.g.shape[2:])
-        return (math.prod(self.weight_shape[1:]) + self.weight_shape[0] // self.conf[3]
-                + 2 * T + 16)
+        return (dot_roundings(math.prod(self.weight_shape[1:]), self.x)
+                + dot_roundings(self.weight_shape[0] // self.conf[3], self.g) + 2 * T + 16)
 
     def error_terms(self):
         T = math.prod(self.g.shape[2:])
         if T <= 1:
             return None
         # the norm is a sum of per-group Linear norms, each bounded on its own
-        return self.group_magnitudes(), self.kappa(), T
+        return self.group_magnitudes(), self.kappa(), dot_roundings(T, self.g)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.x.dtype, torch.float32)

@@ -15,6 +15,7 @@ from torch import nn
 
 from dpkernels.layers.base import LinearUse, Op, Use
 from dpkernels.reference import bounds as ref_bounds
+from dpkernels.reference.bounds import dot_roundings
 
 
 class EmbeddingUse(Use):
@@ -52,13 +53,13 @@ class EmbeddingUse(Use):
         return self._masked[1]
 
     def kappa(self) -> int:
-        return self.g.shape[-1] + 2 * self.g.shape[1] + 16
+        return dot_roundings(self.g.shape[-1], self.g) + 2 * self.g.shape[1] + 16
 
     def bound_constants(self):
         T = self.g.shape[1]
         if T <= 1:
             return None
-        return self.kappa(), T
+        return self.kappa(), dot_roundings(T, self.g)
 
     def error_terms(self):
         k = self.bound_constants()

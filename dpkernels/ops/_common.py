@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkernels.reference.bounds import TC_BLOCK_K_MAX
+
 # The CPU interpreter runs a kernel once per program with numpy: it cannot autotune, and its
 # tl.dot multiplies bfloat16 (stored as uint16) as integers, so operands are upcast first.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -135,6 +137,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     if tf32_allowed() and not INTERPRET:
         return "tf32x3"
     return "ieee"
+
+
+# What the norm kernels run in the interpreter (tests set "tf32x3" to run the GPU's split and
+# scaling arithmetic on the CPU; numpy's products are exact there, its sums IEEE).
+NORM_PRECISION_INTERPRET = "ieee"
+_TC_BLOCK_K_MAX = tl.constexpr(TC_BLOCK_K_MAX)
+
+
+def norm_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the *norm* kernels (``norm_mma``).  A norm only sets a clip
+    factor, and its error is bounded (reference/bounds.dot_roundings), so float32 norms run on
+    tensor cores whatever torch's TF32 setting ("tf32x3": an exact-enough two-part split), as
+    fast as 16-bit ones and more accurately than FMA loops for long K; clipped sums keep
+    ``dot_precision``."""
+    if dtype != torch.float32:
+        return "tf32"
+    return NORM_PRECISION_INTERPRET if INTERPRET else "tf32x3"
 
 
 def tf32_allowed() -> bool:
@@ -279,6 +298,59 @@ def mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _pow2_scale(m):
+    """Powers of two ``s`` and ``1 / s`` (both normal floats) with ``m * s`` in [1, 4) for a
+    normal ``m`` >= 0 (``s`` = 2^126 for 0 or a subnormal ``m``; inf and NaN give 2^-126)."""
+    e = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.minimum(tl.maximum(e, 1), 253)
+    return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32,
+                                                                        bitcast=True)
+
+
+@triton.jit
+def _tf32_split(x):
+    """``(hi, lo)`` with ``hi`` = x rounded to TF32 (10 mantissa bits, to nearest, ties away
+    from zero) and ``lo`` = x - hi (exact) truncated to TF32, as the tensor core reads it."""
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    lo = ((x - hi).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def norm_mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x @ y`` for the norm kernels, with the error reference/bounds.dot_roundings
+    charges.  "ieee": FMA loops, one rounding per product.  Otherwise this K-chunk (at most
+    TC_BLOCK_K_MAX wide) goes to a fresh tensor-core accumulator and is added to ``acc`` with
+    one IEEE rounding, so the tensor core's truncating accumulation never spans more than one
+    chunk.  "tf32x3" (float32): rows of x and columns of y are scaled by powers of two to a
+    largest element in [1, 4) (underflow inside the chunk becomes relative and negligible, and
+    no low part is subnormal), each operand is split into two TF32 parts, and
+    ``lo x hi + hi x lo + hi x hi`` is accumulated small terms first; the chunk is scaled
+    back exactly.  16-bit operands: their products are exact in float32."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    if PRECISION == "ieee":
+        out = tl.dot(x, y, acc, input_precision="ieee")
+    elif PRECISION == "tf32x3":
+        tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
+        sx, ix = _pow2_scale(tl.max(tl.abs(x), axis=1))  # [M]
+        sy, iy = _pow2_scale(tl.max(tl.abs(y), axis=0))  # [N]
+        xh, xl = _tf32_split(x * sx[:, None])
+        yh, yl = _tf32_split(y * sy[None, :])
+        blk = tl.dot(xl, yh, input_precision="tf32")
+        blk = tl.dot(xh, yl, blk, input_precision="tf32")
+        blk = tl.dot(xh, yh, blk, input_precision="tf32")
+        # two exact power-of-two scalings (one at a time: their product may underflow)
+        out = acc + (blk * ix[:, None]) * iy[None, :]
+    else:
+        tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
+        blk = tl.dot(x, y)
+        out = tl.fma(blk, 1.0, acc)  # not acc + blk: Triton folds that into tl.dot(x, y, acc)
+    return out
+
+
+@triton.jit
 def tile_pair(pid, n_pairs, n_tiles2, pairs_ptr, SYMMETRIC: tl.constexpr):
     """(sample b, tile i, tile j) of program ``pid`` in a per-sample T1 x T2 tile grid: the
     upper triangle i <= j from the pair table when SYMMETRIC, all pairs otherwise."""
@@ -308,7 +380,7 @@ def gram_tile(x_ptr, sxb, sxt, sxk, y_ptr, syb, syt, syk, b, ri, rj, mi, mj, K,
                     mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
         y = tl.load(y_ptr + b * syb + k[:, None] * syk + rj[None, :] * syt,
                     mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
-        gram = mma(x, y, gram, UPCAST, PRECISION)
+        gram = norm_mma(x, y, gram, UPCAST, PRECISION)
     return gram
 
 

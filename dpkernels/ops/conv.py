@@ -29,10 +29,10 @@ from dpkernels.ops._common import (
     INTERPRET,
     autotune,
     check_float,
-    dot_precision,
     hand_back,
     keep_configs,
-    mma,
+    norm_mma,
+    norm_precision,
     prepare_out,
     same_dtype,
     upper_pairs,
@@ -104,10 +104,14 @@ def _gather(xb_ptr, id0, ih0, iw0, mt, c_off, kd, kh, kw, mk, D, H, W, sxd, sxh,
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
     key=["T", "d", "p", "KD", "KH", "KW", "BLOCK_P", "BLOCK_D", "PRECISION"],
-    # tf32x3 and 16-bit operands with 64-row tiles on 4 warps spilled on sm_90 (64 B to 1 KB)
+    # tf32x3 and 16-bit operands with 64-row tiles on 4 warps spilled on sm_90 (64 B to 1 KB);
+    # norm_mma's float32 split with 16 x 64 W tiles also at 32 rows on 4 warps (8 B) and 64 on
+    # 8 (16 B): it keeps 32 rows on 8 warps
     prune_configs_by={"early_config_prune": keep_configs(
-        lambda c, args: args["PRECISION"] == "ieee" or c.kwargs["BLOCK_T"] < 64
-        or c.num_warps >= 8)},
+        lambda c, args: args["PRECISION"] == "ieee" or (
+            (c.kwargs["BLOCK_T"] < 64 or c.num_warps >= 8)
+            and (args["PRECISION"] != "tf32x3" or (c.kwargs["BLOCK_T"] < 64
+                                                   and c.num_warps >= 8))))},
 )
 @triton.jit
 def _conv_direct_kernel(
@@ -146,7 +150,7 @@ def _conv_direct_kernel(
         id0, ih0, iw0 = _out_coords(t[:, None], OH, OW, SD, SH, SW, PD, PH, PW)  # [BT, 1]
         a = _gather(xb_ptr, id0, ih0, iw0, mt[:, None], c_off, kd, kh, kw, md[None, :],
                     D, H, W, sxd, sxh, sxw)  # [BT, BD]
-        w = mma(gt, a, w, UPCAST, PRECISION)
+        w = norm_mma(gt, a, w, UPCAST, PRECISION)
     tl.store(part_ptr + pid, tl.sum(tl.sum(w * w, axis=1), axis=0))
 
 
@@ -159,11 +163,13 @@ def _conv_direct_kernel(
     ],
     key=["T", "d", "p", "KD", "KH", "KW", "BLOCK_T", "PRECISION"],  # tf32x3: more registers
     # on sm_90, tf32x3 spilled with 64-wide K tiles (any warps) and with 64-row T tiles on 4
-    # warps; 16-bit operands with 64 x 64 tiles on 4 warps
+    # warps, norm_mma's float32 split also with 32-row tiles on 4 warps (20 B); 16-bit
+    # operands with 64 x 64 tiles on 4 warps
     prune_configs_by={"early_config_prune": keep_configs(
         lambda c, args: args["PRECISION"] == "ieee" or (
             (c.kwargs["BLOCK_K"] < 64 or args["PRECISION"] != "tf32x3")
-            and (args["BLOCK_T"] < 64 or c.num_warps >= 8)))},
+            and (args["BLOCK_T"] < 64 or c.num_warps >= 8)
+            and (args["PRECISION"] != "tf32x3" or c.num_warps >= 8)))},
 )
 @triton.jit
 def _conv_ghost_kernel(
@@ -208,7 +214,7 @@ def _conv_ghost_kernel(
                                           sxc)  # [BK, 1]
         aj = _gather(xb_ptr, id_j, ih_j, iw_j, mj[None, :], c_off, kd, kh, kw, mk[:, None],
                      D, H, W, sxd, sxh, sxw)  # [BK, BT]
-        gram_a = mma(ai, aj, gram_a, UPCAST, PRECISION)
+        gram_a = norm_mma(ai, aj, gram_a, UPCAST, PRECISION)
 
     gram_g = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, p, BLOCK_K):
@@ -219,7 +225,7 @@ def _conv_ghost_kernel(
                      mask=mi[:, None] & mk[None, :], other=0.0)  # [BT, BK]
         gj = tl.load(gb_ptr + kc[:, None] + gj_off[None, :],
                      mask=mk[:, None] & mj[None, :], other=0.0)  # [BK, BT]
-        gram_g = mma(gi, gj, gram_g, UPCAST, PRECISION)
+        gram_g = norm_mma(gi, gj, gram_g, UPCAST, PRECISION)
 
     s = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     s = s * tl.where(ti == tj, 1.0, 2.0)
@@ -258,26 +264,6 @@ def _geometry(x, g, weight_shape, stride, padding, dilation) -> dict[str, int]:
                 sgb=g.stride(0), sgc=g.stride(1), sgd=sgd, sgh=sgh, sgw=sgw)
 
 
-def _cudnn_tf32() -> bool:
-    """Whether torch's own float32 convolutions may use TF32 (torch's default: yes).  torch
-    >= 2.9 keeps it in ``cudnn.conv.fp32_precision``; the legacy flag is read only before."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    prec = getattr(conv, "fp32_precision", None)
-    if prec is not None:
-        return prec == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision of the norm kernels: dot_precision's policy, except that float32
-    follows torch's *convolution* setting (the norm replaces a conv weight gradient): where
-    cuDNN may use TF32 (torch's default) the kernels use "tf32x3", float32-accurate on tensor
-    cores, so a norm is never rounded to TF32 yet fp32 CNNs do not fall back to FMA loops."""
-    if dtype == torch.float32 and not INTERPRET and _cudnn_tf32():
-        return "tf32x3"
-    return dot_precision(dtype)
-
-
 def _check(name, x, g, weight_shape, stride, padding, dilation, groups) -> None:
     n = x.dim() - 2
     ok = (1 <= n <= 3 and g.dim() == x.dim() and len(weight_shape) == n + 2
@@ -301,7 +287,7 @@ def _direct(x, g, geo, T, d, p, G, Cg) -> torch.Tensor:
     part = torch.empty(B * G * n_tiles, dtype=torch.float32, device=x.device)
     _conv_direct_kernel[(B * G * n_tiles,)](
         x_ptr=x, g_ptr=g, part_ptr=part, T=T, d=d, p=p, G=G, Cg=Cg, n_tiles=n_tiles,
-        n_tiles_d=n_tiles_d, **geo, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
+        n_tiles_d=n_tiles_d, **geo, UPCAST=INTERPRET, PRECISION=norm_precision(x.dtype),
         BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
     return part.view(B, G * n_tiles).sum(1)
@@ -316,7 +302,7 @@ def _ghost(x, g, geo, T, d, p, G, Cg) -> torch.Tensor:
     _conv_ghost_kernel[(B * G * n_pairs,)](
         x_ptr=x, g_ptr=g, pairs_ptr=upper_pairs(n, x.device), part_ptr=part,
         T=T, d=d, p=p, G=G, Cg=Cg, n_pairs=n_pairs, **geo,
-        UPCAST=INTERPRET, PRECISION=_precision(x.dtype), BLOCK_T=BLOCK_T,
+        UPCAST=INTERPRET, PRECISION=norm_precision(x.dtype), BLOCK_T=BLOCK_T,
     )
     return part.view(B, G * n_pairs).sum(1)
 

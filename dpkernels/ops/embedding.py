@@ -18,8 +18,8 @@ from dpkernels.ops._common import (
     INTERPRET,
     autotune,
     check_float,
-    dot_precision,
     gram_tile,
+    norm_precision,
     tile_pair,
     upper_pairs,
     use_reference,
@@ -124,7 +124,7 @@ def _ghost(ids1, g1, ids2, g2, padding_idx, symmetric: bool) -> torch.Tensor:
         si2b=ids2.stride(0), si2t=ids2.stride(1),
         sg2b=g2.stride(0), sg2t=g2.stride(1), sg2k=g2.stride(2),
         SYMMETRIC=symmetric, HAS_PAD=padding_idx is not None,
-        UPCAST=INTERPRET, PRECISION=dot_precision(g1.dtype), BLOCK_T=BLOCK_T,
+        UPCAST=INTERPRET, PRECISION=norm_precision(g1.dtype), BLOCK_T=BLOCK_T,
     )
     return part.view(B, n_pairs).sum(1)
 

@@ -24,8 +24,8 @@ from dpkernels.ops._common import (
     autotune,
     check_float,
     device_table,
-    dot_precision,
     gram_tile,
+    norm_precision,
     same_dtype,
     upper_pairs,
     use_reference,
@@ -365,7 +365,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
         _ghost_many_kernel[(B, len(rows), n_part)](
             table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
             n_pairs=n_pairs[(dt, bt)], n_part=n_part, TYPE=_TYPES[dt], UPCAST=INTERPRET,
-            PRECISION=dot_precision(dt), BLOCK_T=bt)
+            PRECISION=norm_precision(dt), BLOCK_T=bt)
     for (_, it, dt, bt), rows in embs.items():
         key = ("embedding", it, dt, bt)
         pairs = upper_pairs(n_tiles[key], device)
@@ -373,7 +373,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
         _embedding_many_kernel[(B, len(rows), n_part)](
             table_ptr=next(slices), pairs_ptr=pairs, part_ptr=part, B=B,
             n_pairs=n_pairs[key], n_part=n_part, IDS_TYPE=_IDS_TYPES[it], TYPE=_TYPES[dt],
-            UPCAST=INTERPRET, PRECISION=dot_precision(dt), BLOCK_T=bt)
+            UPCAST=INTERPRET, PRECISION=norm_precision(dt), BLOCK_T=bt)
     for dt, rows in prods.items():
         _note_cost(*cost[dt])
         _row_product_many_kernel[(B, len(rows))](

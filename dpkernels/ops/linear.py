@@ -27,6 +27,8 @@ from dpkernels.ops._common import (
     hand_back,
     keep_configs,
     mma,
+    norm_mma,
+    norm_precision,
     num_sms,
     philox_seed,
     prepare_out,
@@ -85,10 +87,10 @@ def _row_norm_product_kernel(a_ptr, g_ptr, out_ptr, bias_ptr, d, p, sab, sak, sg
     ],
     key=["T1", "T2", "d", "p", "BLOCK_T", "PRECISION"],  # tf32x3 needs more registers and smem
     # two [64, 64] float32 Gram tiles on 4 warps spilled ~90 B on sm_90 (every dtype), and
-    # with tf32x3 on 8 warps with 64-wide K tiles (176 B)
+    # tf32x3 (norm_mma's float32 split) with 64-wide K tiles at any tile size (40-304 B)
     prune_configs_by={"early_config_prune": keep_configs(
-        lambda c, args: args["BLOCK_T"] < 64 or (
-            c.num_warps >= 8 and (args["PRECISION"] != "tf32x3" or c.kwargs["BLOCK_K"] < 64)))},
+        lambda c, args: not (args["PRECISION"] == "tf32x3" and c.kwargs["BLOCK_K"] >= 64)
+        and (args["BLOCK_T"] < 64 or c.num_warps >= 8))},
 )
 @triton.jit
 def _linear_ghost_kernel(
@@ -174,7 +176,7 @@ def _linear_direct_kernel(
                      mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
         x = tl.load(a1_ptr + b * sa1b + t[:, None] * sa1t + cd[None, :] * sa1k,
                     mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
-        w1 = mma(gt, x, w1, UPCAST, PRECISION)
+        w1 = norm_mma(gt, x, w1, UPCAST, PRECISION)
         if WITH_BIAS:
             g_acc += gt.to(tl.float32)
     if SECOND:
@@ -186,7 +188,7 @@ def _linear_direct_kernel(
                          mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
             x = tl.load(a2_ptr + b * sa2b + t[:, None] * sa2t + cd[None, :] * sa2k,
                         mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
-            w2 = mma(gt, x, w2, UPCAST, PRECISION)
+            w2 = norm_mma(gt, x, w2, UPCAST, PRECISION)
         s = tl.sum(tl.sum(w1 * w2, axis=1), axis=0)
     else:
         s = tl.sum(tl.sum(w1 * w1, axis=1), axis=0)
@@ -408,7 +410,7 @@ def _ghost(a1, g1, a2, g2, symmetric: bool,
         T1=T1, T2=T2, d=d, p=p, n_pairs=n_pairs, n_tiles2=n2,
         **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
         SYMMETRIC=symmetric, WITH_BIAS=with_bias and symmetric, UPCAST=INTERPRET,
-        PRECISION=dot_precision(a1.dtype), BLOCK_T=BLOCK_T,
+        PRECISION=norm_precision(a1.dtype), BLOCK_T=BLOCK_T,
     )
     sums = part.view(-1, B, n_pairs).sum(-1)  # [1 or 2, B]
     return sums[0], (sums[1] if with_bias and symmetric else None)
@@ -436,7 +438,7 @@ def _direct(a1, g1, a2=None, g2=None,
         T1=T1, T2=a2.shape[1], d=d, p=p, n_tiles=n_tiles, n_tiles_d=n_tiles_d,
         **_s("sa1", a1), **_s("sg1", g1), **_s("sa2", a2), **_s("sg2", g2),
         SECOND=second, WITH_BIAS=with_bias, UPCAST=INTERPRET,
-        PRECISION=dot_precision(a1.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        PRECISION=norm_precision(a1.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
     w = part.view(B, n_tiles).sum(1)
     return w, (bias_part.view(B, n_tiles_p).sum(1) if with_bias else None)

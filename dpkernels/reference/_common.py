@@ -80,20 +80,34 @@ def finish(acc, update, noise_std: float, seed: int, scale: float) -> torch.Tens
 
 
 @contextlib.contextmanager
+def _setting(obj, name: str, value):
+    """``obj.name = value`` inside the block; the old value is restored."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _no_tf32(backend, legacy_owner):
+    """The setting that keeps ``backend``'s float32 off TF32: ``fp32_precision`` (torch >=
+    2.9) or the legacy ``allow_tf32``."""
+    if getattr(backend, "fp32_precision", None) is not None:
+        return _setting(backend, "fp32_precision", "ieee")
+    return _setting(legacy_owner, "allow_tf32", False)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Float32 matmuls and convolutions without TF32 inside the block (the reference ops on a
+    GPU: a norm rounded to TF32 could be 1e-3 short, beyond every bound the engine adds, and
+    a clipped sum off by as much could exceed C); the user's settings are restored."""
+    matmul = torch.backends.cuda.matmul
+    with cudnn_exact_fp32(), _no_tf32(matmul, matmul):
+        yield
+
+
 def cudnn_exact_fp32():
     """Float32 convolutions without TF32 inside the block; the user's setting is restored."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if getattr(conv, "fp32_precision", None) is not None:
-        old = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-    else:
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
+    return _no_tf32(getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)

@@ -20,6 +20,36 @@ def magnitude(a: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(na.unsqueeze(1), ng.unsqueeze(2)).view(-1)
 
 
+# Inner products on tensor cores (DESIGN.md section 6).  The cancellation bounds count the
+# roundings of an inner product of length K: K for float32 FMA loops (Triton "ieee", torch on
+# the CPU, cuBLAS without TF32: any summation order), what the Triton norm kernels do on a GPU
+# otherwise (ops/_common.norm_mma).  There every K-chunk of at most TC_BLOCK_K_MAX products
+# goes to a fresh tensor-core accumulator, float32 operands split into two TF32 parts after
+# scaling their rows by powers of two, and the chunk is added to a float32 register with one
+# IEEE rounding.  A tensor-core block FMA adds k exact products to its accumulator with an
+# error of at most (k + 2) 2^-23 times the sum of the magnitudes of its terms (operands aligned
+# to the largest exponent and truncated, the result truncated: Fasi et al. 2021 on V100/A100,
+# Khattak and Mikaitis 2025 on H100/B200); a chunk chains BK / k of them, so its error is at
+# most 3 BK 2^-23 = 6 BK u for any k >= 1: TC_CHUNK_ROUNDINGS doubles that for safety.  The
+# TF32 split (hi rounded to nearest, lo truncated by the tensor core, lo * lo dropped) is off
+# by at most 5 2^-22 = 20 u per product; underflow inside the scaled chunk is relative and far
+# below u; TC_SPLIT_ROUNDINGS = 26 covers both.  The chunk sums add ceil(K / 16) roundings
+# (tl.dot's smallest K).
+TC_BLOCK_K_MAX = 64
+TC_CHUNK_ROUNDINGS = 12 * TC_BLOCK_K_MAX
+TC_SPLIT_ROUNDINGS = 26
+
+
+def dot_roundings(K: int, t: torch.Tensor) -> int:
+    """Roundings (in units of the accumulation's u) of an inner product of length ``K`` of
+    rows of ``t`` and of its partner: ``K`` on the CPU; on a GPU the larger of the FMA count
+    and the tensor-core count (the Triton kernels or torch, whichever the backend runs)."""
+    K = int(K)
+    if t.device.type == "cpu":
+        return K
+    return max(K, TC_CHUNK_ROUNDINGS + TC_SPLIT_ROUNDINGS + -(-K // 16))
+
+
 def check_items(name: str, items: list) -> int:
     """The batch size of ``items`` [(a | None, g), ...], checked."""
     if not items:
