@@ -28,8 +28,9 @@ Use the triton the GPU machine has (3.6 at the time of writing), next to any tor
 
 ``--only models`` or ``--only shapes`` runs one source (the models alone take a few minutes
 on 2 cores, everything 20-30 with a cold cache; compiled kernels are cached in
-$TRITON_CACHE_DIR).  Exit status 1 if any variant fails to compile or spills, or if a norm
-kernel's tensor-core chunk accumulates into anything but zero (``chunk_check``).
+$TRITON_CACHE_DIR).  Exit status 1 if any variant fails to compile or spills, if a norm
+kernel's tensor-core chunk accumulates into anything but zero (``chunk_check``), or if a
+clip-path kernel's PTX flushes subnormals (``FTZ_FREE``).
 """
 
 import argparse
@@ -119,6 +120,12 @@ NORM_KERNELS = {"_ghost_many_kernel", "_embedding_many_kernel", "_linear_ghost_k
                 "_linear_direct_kernel", "_embedding_ghost_kernel", "_conv_ghost_kernel",
                 "_conv_direct_kernel"}
 CHUNK_FAIL: list[tuple] = []
+# Kernels on the clip path whose float32 arithmetic must keep subnormals (the bounds treat a
+# flush as an error of eta only where a tensor core may do it): no ``.ftz`` instruction in
+# their PTX (Triton sets FTZ for libdevice calls; plain add/mul/fma/div.rn/sqrt.rn keep
+# subnormals).
+FTZ_FREE = NORM_KERNELS | {"_clip_from_parts_kernel", "_clip_factors_kernel",
+                           "_magnitude_many_kernel", "_row_product_many_kernel"}
 _DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
 
 
@@ -170,6 +177,12 @@ def run(self, *args, grid, warmup, **kwargs):
             if bad:
                 CHUNK_FAIL.append((tag, bad))
                 print("CHUNK", tag, bad, flush=True)
+        if self.__name__ in FTZ_FREE:
+            ftz = sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*",
+                                        k.asm["ptx"])))
+            if ftz:
+                CHUNK_FAIL.append((tag, "flushes subnormals: " + ", ".join(ftz)))
+                print("FTZ", tag, ftz, flush=True)
         ru = res_usage(k.asm["cubin"])
         if _field(ru, "STACK") or _field(ru, "LOCAL"):
             ru += " | " + spill_report(k.asm["ptx"])
@@ -373,8 +386,9 @@ def report(out: str | None) -> int:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     summary = (f"variants {len(rows)} (bench models: {len(in_models)}), failures {len(FAIL)}, "
                f"spilling {len(spilling)} (bench models: "
-               f"{sum('models' in r[0] for r in spilling)}), norm kernels whose tensor-core "
-               f"chunks accumulate into anything but zero: {len(CHUNK_FAIL)}")
+               f"{sum('models' in r[0] for r in spilling)}), clip-path kernels whose tensor-core "
+               f"chunks accumulate into anything but zero or that flush subnormals: "
+               f"{len(CHUNK_FAIL)}")
     print("\n".join(md))
     for r in spilling:
         print("SPILLS", r[0], r[1], r[2], r[3], r[4], f"{r[8]} B stores, {r[9]} B loads")
@@ -398,7 +412,8 @@ def report(out: str | None) -> int:
                 f.write("\n## Failures\n\n")
                 f.write("\n".join(f"- {t}: {e}" for t, e in FAIL) + "\n")
             if CHUNK_FAIL:
-                f.write("\n## Norm kernels with an accumulating tensor-core chunk\n\n")
+                f.write("\n## Clip-path kernels with an accumulating tensor-core chunk or a "
+                        "flush to zero\n\n")
                 f.write("\n".join(f"- {t}: `{ln}`" for t, ln in CHUNK_FAIL) + "\n")
     return 1 if FAIL or spilling or CHUNK_FAIL else 0
 
