@@ -111,12 +111,15 @@ class DPTrainer(Trainer):
     ``poisson_seed`` (default: from the OS) go to the sampler.  ``per_sample_loss(outputs,
     labels) -> [B]``: the loss of each sample (default: causal LM or classification, from the
     logits' shape).  ``delta``: if given, ``train()`` adds ``epsilon`` (PLD) at that delta
-    to its metrics and logs.  Every other argument is ``Trainer``'s, except ``optimizers``."""
+    to its metrics and logs, and every training log the running ``epsilon_rdp`` (see
+    ``log``).  ``log_clipping``: also log the clipped fraction and the median per-sample
+    norm (not private: see ``log``).  Every other argument is ``Trainer``'s, except
+    ``optimizers``."""
 
     def __init__(self, *args, dp_optimizer: DPOptimizer, sample_rate: float,
                  steps_per_epoch: int | None = None, poisson_seed: int | None = None,
                  per_sample_loss: Callable | None = None, delta: float | None = None,
-                 **kwargs) -> None:
+                 log_clipping: bool = False, **kwargs) -> None:
         if not isinstance(dp_optimizer, DPOptimizer):
             raise TypeError("dpkernels: DPTrainer needs dp_optimizer=dpkernels.make_private("
                             f"model, ...), got {type(dp_optimizer).__name__}")
@@ -141,6 +144,7 @@ class DPTrainer(Trainer):
         self.poisson_seed = poisson_seed
         self.per_sample_loss = per_sample_loss
         self.delta = delta
+        self.log_clipping = bool(log_clipping)
         self._check_args()
         mine = {id(p) for p in dp_optimizer.engine.params}
         if not any(id(p) in mine for p in self.model.parameters()):
@@ -346,4 +350,30 @@ class DPTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         return self.optimizer  # the DP optimizer given
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer's pre-step grad_norm reads .grad before DPOptimizer.step() writes the clipped,
+        # noised sum: it would log 0 (and touch every gradient); nothing is logged instead
+        return None
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Training logs get the DP view: with ``delta`` the running ``epsilon_rdp`` (the RDP
+        accountant, fast and an upper bound; ``train()`` ends with the tighter PLD
+        ``epsilon``), and with ``log_clipping=True`` ``dp_clipped_fraction`` and
+        ``dp_median_sample_norm`` (the per-sample gradient norms before clipping, of the last
+        micro-batch: statistics of private data without noise, NOT covered by epsilon, like
+        the training loss).  Trainer's ``grad_norm`` is dropped: it read ``.grad`` before the
+        DP step wrote it."""
+        if "loss" in logs:
+            logs = dict(logs)
+            logs.pop("grad_norm", None)
+            norms = self.dp_optimizer.per_sample_norms if self.log_clipping else None
+            if norms is not None and norms.numel():
+                norms = norms.detach().float()
+                logs["dp_clipped_fraction"] = float(
+                    (norms > self.dp_optimizer.max_grad_norm).float().mean())
+                logs["dp_median_sample_norm"] = float(norms.median())
+            if self.delta is not None and self.dp_optimizer.steps:
+                logs["epsilon_rdp"] = self.dp_optimizer.epsilon(self.delta, accountant="rdp")
+        super().log(logs, *args, **kwargs)
 

@@ -146,6 +146,42 @@ def test_empty_poisson_batch_steps_with_noise_only(tmp_path):
     assert dp.steps == 6
 
 
+def test_training_logs_show_the_dp_view(tmp_path):
+    """Every training log has the running RDP epsilon (non-decreasing, above the final PLD
+    epsilon) and, asked for (they are not private), the clipped fraction and the median
+    per-sample norm; no Trainer grad_norm (it read .grad before the DP step wrote it: 0)."""
+    q, seed = 0.25, 1
+    model = gpt2(torch.float32)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=0.05,
+                                expected_batch_size=q * N)
+    trainer = hf.DPTrainer(model=model, args=args(tmp_path, logging_strategy="steps",
+                                                  logging_steps=1),
+                           train_dataset=dataset(), dp_optimizer=dp, sample_rate=q,
+                           steps_per_epoch=4, poisson_seed=seed, delta=1e-5,
+                           log_clipping=True)
+    out = trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    assert all("grad_norm" not in h for h in logs)
+    eps = [h["epsilon_rdp"] for h in logs]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert eps[-1] >= out.metrics["epsilon"]
+    # C = 0.05 clips nearly every sample of a random-init model
+    assert all(0.0 <= h["dp_clipped_fraction"] <= 1.0 for h in logs)
+    assert max(h["dp_clipped_fraction"] for h in logs) == 1.0
+    assert all(h["dp_median_sample_norm"] > 0.05 for h in logs
+               if h["dp_clipped_fraction"] == 1.0)
+
+
+def test_clipping_statistics_are_not_logged_unless_asked(tmp_path):
+    trainer = _make(tmp_path, logging_strategy="steps", logging_steps=1)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(not any(k.startswith("dp_") or k == "grad_norm" for k in h)
+                        for h in logs)
+
+
 def _make(tmp_path, model=None, **kw):
     model = model or gpt2(torch.float32)
     dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
