@@ -131,8 +131,9 @@ _DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
 
 def chunk_check(ttgir: str) -> str | None:
     """None when every tensor-core dot of ``ttgir`` accumulates into a zero constant or into
-    the result of another dot (a chunk's chain); otherwise the offending line."""
-    zeros, from_dot, bad, n = set(), set(), None, 0
+    the result of another dot of the same chunk, at most 3 dots per chain (norm_mma's float32
+    split); otherwise the offending line."""
+    zeros, depth, bad, n = set(), {}, None, 0
     for line in ttgir.splitlines():
         m = _DEF.match(line)
         if not m:
@@ -144,12 +145,13 @@ def chunk_check(ttgir: str) -> str | None:
         elif op in ("ttng.warp_group_dot", "tt.dot"):
             n += 1
             acc = operands[2] if len(operands) > 2 else None
-            if acc not in zeros and acc not in from_dot and bad is None:
+            d = 1 if acc in zeros else depth.get(acc, 0) + 1 if acc in depth else None
+            if (d is None or d > 3) and bad is None:
                 bad = line.strip()[:200]
-            from_dot.add(name)
+            depth[name] = d or 99
         elif op in ("ttng.warp_group_dot_wait", "ttg.convert_layout") and operands and (
-                operands[0] in from_dot):
-            from_dot.add(name)
+                operands[0] in depth):
+            depth[name] = depth[operands[0]]
     if n == 0:
         return "no tensor-core dot found"
     return bad

@@ -73,7 +73,7 @@ TRITON_FMA_SHARE = 0.5
 TRITON_TC_SHARE = 0.8
 # float32 non-FMA ALU/INT operations per second (132 SMs x 128 lanes x 1.98 GHz): what the norm
 # kernels' float32 split (ops/_common.norm_mma: row scaling, TF32 split, scaling back, ~12
-# operations per operand element and 3 per output element of a chunk) runs at, ASSUMED not to
+# operations per operand element and 9 per output element of a chunk) runs at, ASSUMED not to
 # overlap the tensor-core work at all.
 FP32_ALU_OPS = 33.5e12
 # the kernels whose float32 dots go through norm_mma's split
@@ -240,7 +240,7 @@ def _split_alu_share(name: str, kw) -> float:
     else:
         M = N = kw.get("BLOCK_T", 64)
         K = kw.get("BLOCK_K", 32)
-    alu_s = (12.0 * (M * K + K * N) + 3.0 * M * N) / FP32_ALU_OPS
+    alu_s = (12.0 * (M * K + K * N) + 9.0 * M * N) / FP32_ALU_OPS
     tc_s = 6.0 * M * N * K / (TF32_FLOPS * TRITON_TC_SHARE)
     return alu_s / tc_s
 

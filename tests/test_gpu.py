@@ -149,6 +149,28 @@ def test_tensor_core_norms_within_the_charged_bound(kind, dtype, tf32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_core_accumulation_keeps_enough_bits(dtype):
+    """The hardware assumption behind reference/bounds.TC_CHUNK_ROUNDINGS: a tensor-core block
+    FMA loses at most what truncating at the 24th bit below its largest term loses (charged
+    twice).  One 64-wide chunk of the Gram of rows [1, 2^-10, ...] and [1, 2^-11, ...]: its
+    small products 2^-20, 2^-21, 2^-22 are exact with 23 or more bits kept, and a tensor core
+    keeping 21 or fewer would drop at least 2 * 63 * 2^-21 of the norm; at that point the
+    crafted sums of tests/test_tensor_core_norms.py would exceed the charged bound."""
+    _, _, linear, _ = _ops()
+    from dpkernels.reference import linear as ref
+
+    a = torch.empty(1, 2, 64, device="cuda")
+    a[0, 0], a[0, 1] = 2.0**-10, 2.0**-11
+    a[0, :, 0] = 1.0
+    g = torch.zeros(1, 2, 16, device="cuda")
+    g[0, :, 0] = 1.0  # every g_t . g_s = 1: n^2 = a0.a0 + 2 a0.a1 + a1.a1
+    out = linear.linear_norm(a.to(dtype), g.to(dtype), "ghost").double()
+    exact = ref.linear_norm(a.double(), g.double(), "ghost")
+    lost = (exact - out).abs().item()
+    assert lost < 63 * 2.0**-21, f"lost {lost / 2.0**-22:.1f} x 2^-22"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clipped_sum_parity(dtype):
     _, _, linear, _ = _ops()
     from dpkernels.reference import linear as ref

@@ -25,6 +25,8 @@ import torch
 
 from dpkernels import dispatch
 from dpkernels.layers.base import BiasUse, LinearUse
+from dpkernels.layers.conv import ConvUse
+from dpkernels.layers.embedding import EmbeddingUse
 from dpkernels.reference import bounds as rb
 from dpkernels.reference import linear as ref_linear
 
@@ -239,6 +241,22 @@ def test_engine_bounds_use_the_device_roundings():
     assert BiasUse(g.to("meta")).kappa() == rb.dot_roundings(p, meta.g) + 2 * T + 16
 
 
+def test_one_position_norms_are_bounded_on_a_gpu():
+    """T = 1 Embedding and Conv norms are sums of squares: relative rounding, within the
+    margin on the CPU; on a GPU the kernels sum them on tensor cores, whose chunk error the
+    margin does not cover, so they carry the bound there (reviewer's finding)."""
+    ids, g = torch.zeros(3, 1, dtype=torch.long), torch.randn(3, 1, 8)
+    assert EmbeddingUse(ids, g, None, 5).bound_constants() is None
+    emb = EmbeddingUse(ids.to("meta"), g.to("meta"), None, 5)
+    assert emb.bound_constants() == (emb.kappa(), rb.dot_roundings(1, emb.g))
+    x, gc = torch.randn(3, 2, 3, 3), torch.randn(3, 4, 1, 1)
+    conf = ((1, 1), (0, 0), (1, 1), 1)
+    assert ConvUse(x, gc, (4, 2, 3, 3), conf).error_terms() is None
+    conv = ConvUse(x.to("meta"), gc.to("meta"), (4, 2, 3, 3), conf)
+    S, kappa, chain = conv.error_terms()
+    assert S.shape == (3, 1) and kappa == conv.kappa() and chain == rb.dot_roundings(1, conv.g)
+
+
 def test_reference_ops_off_the_cpu_run_without_tf32(monkeypatch):
     """On a GPU the reference multiplies with torch, which may use TF32 (1e-3 short, beyond
     every bound): dispatch turns it off around every reference op there, and restores it."""
@@ -263,3 +281,17 @@ def test_reference_ops_off_the_cpu_run_without_tf32(monkeypatch):
         dispatch._RESOLVED.clear()
     assert seen == [("ieee", "ieee"), ("tf32", "tf32")]
     assert after == ("tf32", "tf32")
+
+
+def test_split_scales_back_without_an_intermediate_overflow(split_path):
+    """Activations ~2^-125 next to backprops ~2^125: each chunk's scale factors are 2^125 and
+    2^-125 apart, and applying them one after the other overflowed (reviewer's case)."""
+    B, T, d, p = 1, 64, 16, 16
+    a = torch.full((B, T, d), 1.5 * 2.0**-125)
+    g = torch.full((B, T, p), 1.5 * 2.0**125)
+    exact = ref_linear.linear_norm(a.double(), g.double(), "direct")
+    n, _ = tlinear.linear_norms(a, g, "direct", False)
+    assert torch.allclose(n.double(), exact, rtol=1e-6)
+    x, gc = a.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
+    c = tconv.conv_norm(x, gc, (p, d, 1), (1,), (0,), (1,), 1, "direct")
+    assert torch.allclose(c.double(), exact, rtol=1e-6)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from dpkernels.reference import bounds as ref_bounds
+from dpkernels.reference._common import exact_fp32_on
 from dpkernels.reference.bounds import dot_roundings
 
 Op = Callable[..., torch.Tensor]
@@ -400,7 +401,8 @@ class LinearUse(Use):
 
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.a.dtype, torch.float32)
-        return torch.einsum("btp,btd->bpd", self.g.to(dt), self.a.to(dt))
+        with exact_fp32_on(self.a):
+            return torch.einsum("btp,btd->bpd", self.g.to(dt), self.a.to(dt))
 
     def raw_cross(self, other: Use, op: Op) -> torch.Tensor | None:
         if isinstance(other, LinearUse):

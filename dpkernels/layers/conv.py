@@ -17,6 +17,7 @@ from torch import nn
 
 from dpkernels.layers.base import BiasUse, Op, Use, underflow_eta
 from dpkernels.layers.linear import cast_for_autocast, check_input_dtype
+from dpkernels.reference._common import exact_fp32_on
 from dpkernels.reference.bounds import dot_roundings
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -100,7 +101,10 @@ class ConvUse(Use):
 
     def error_terms(self):
         T = math.prod(self.g.shape[2:])
-        if T <= 1:
+        if T <= 1 and self.g.device.type == "cpu":
+            # (a.a)(g.g): sums of squares, relative rounding within the margin; on a GPU the
+            # kernels sum them on tensor cores, whose chunk error (dot_roundings) the margin
+            # does not cover
             return None
         # the norm is a sum of per-group Linear norms, each bounded on its own
         return self.group_magnitudes(), self.kappa(), dot_roundings(T, self.g)
@@ -108,7 +112,8 @@ class ConvUse(Use):
     def raw_dense(self, op: Op) -> torch.Tensor:
         dt = torch.promote_types(self.x.dtype, torch.float32)
         a = self.unfold(op).to(dt)
-        w = torch.einsum("bgtp,bgtd->bgpd", self.grouped_backprops().to(dt), a)
+        with exact_fp32_on(a):
+            w = torch.einsum("bgtp,bgtd->bgpd", self.grouped_backprops().to(dt), a)
         return w.reshape(self.x.shape[0], *self.weight_shape)
 
     def raw_cross(self, other: Use, op: Op) -> torch.Tensor | None:

@@ -153,7 +153,10 @@ def norm_precision(dtype: torch.dtype) -> str:
     ``dot_precision``."""
     if dtype != torch.float32:
         return "tf32"
-    return NORM_PRECISION_INTERPRET if INTERPRET else "tf32x3"
+    if INTERPRET:
+        return NORM_PRECISION_INTERPRET
+    # Triton takes TF32 dots on NVIDIA GPUs only (and one AMD chip): FMA loops elsewhere
+    return "ieee" if torch.version.hip is not None else "tf32x3"
 
 
 def tf32_allowed() -> bool:
@@ -299,12 +302,24 @@ def mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _pow2_scale(m):
-    """Powers of two ``s`` and ``1 / s`` (both normal floats) with ``m * s`` in [1, 4) for a
-    normal ``m`` >= 0 (``s`` = 2^126 for 0 or a subnormal ``m``; inf and NaN give 2^-126)."""
+    """A power of two ``s`` (a normal float) with ``m * s`` in [1, 4) for a normal ``m`` >= 0
+    (``s`` = 2^126 for 0 or a subnormal ``m``; inf and NaN give 2^-126), and the biased
+    exponent ``e`` in [1, 253] with ``1 / s`` = 2^(e - 127)."""
     e = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
     e = tl.minimum(tl.maximum(e, 1), 253)
-    return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32,
-                                                                        bitcast=True)
+    return ((254 - e) << 23).to(tl.float32, bitcast=True), e
+
+
+@triton.jit
+def _unscale(blk, ex, ey):
+    """``blk[i, j] * 2^(ex[i] - 127) * 2^(ey[j] - 127)``, exactly unless the result overflows
+    or underflows: the combined power of two is applied in two halves, each a normal float,
+    so that no intermediate overflows or underflows before the result does."""
+    e = ex[:, None] + ey[None, :] - 254  # in [-252, 252]
+    h = e >> 1  # floor(e / 2), in [-126, 126]
+    f1 = ((h + 127) << 23).to(tl.float32, bitcast=True)
+    f2 = ((e - h + 127) << 23).to(tl.float32, bitcast=True)
+    return (blk * f1) * f2
 
 
 @triton.jit
@@ -326,7 +341,7 @@ def norm_mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     largest element in [1, 4) (underflow inside the chunk becomes relative and negligible, and
     no low part is subnormal), each operand is split into two TF32 parts, and
     ``lo x hi + hi x lo + hi x hi`` is accumulated small terms first; the chunk is scaled
-    back exactly.  16-bit operands: their products are exact in float32."""
+    back exactly (``_unscale``).  16-bit operands: their products are exact in float32."""
     if UPCAST:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
@@ -334,15 +349,14 @@ def norm_mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         out = tl.dot(x, y, acc, input_precision="ieee")
     elif PRECISION == "tf32x3":
         tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
-        sx, ix = _pow2_scale(tl.max(tl.abs(x), axis=1))  # [M]
-        sy, iy = _pow2_scale(tl.max(tl.abs(y), axis=0))  # [N]
+        sx, ex = _pow2_scale(tl.max(tl.abs(x), axis=1))  # [M]
+        sy, ey = _pow2_scale(tl.max(tl.abs(y), axis=0))  # [N]
         xh, xl = _tf32_split(x * sx[:, None])
         yh, yl = _tf32_split(y * sy[None, :])
         blk = tl.dot(xl, yh, input_precision="tf32")
         blk = tl.dot(xh, yl, blk, input_precision="tf32")
         blk = tl.dot(xh, yh, blk, input_precision="tf32")
-        # two exact power-of-two scalings (one at a time: their product may underflow)
-        out = acc + (blk * ix[:, None]) * iy[None, :]
+        out = acc + _unscale(blk, ex, ey)
     else:
         tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
         blk = tl.dot(x, y)

@@ -135,9 +135,12 @@ def _linear_ghost_kernel(
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
     key=["T1", "T2", "d", "p", "BLOCK_P", "BLOCK_D", "PRECISION"],
-    # SECOND (two W tiles) with [64, 64] operand tiles on 8 warps spilled 16 B on sm_90
+    # SECOND (two W tiles) with [64, 64] operand tiles on 8 warps spilled 16 B on sm_90, and
+    # norm_mma's float32 split with 64-row T tiles on 4 warps (4-8 B)
     prune_configs_by={"early_config_prune": keep_configs(
-        lambda c, args: not (args["SECOND"] and c.kwargs["BLOCK_T"] >= 64 and c.num_warps >= 8))},
+        lambda c, args: not (args["SECOND"] and c.kwargs["BLOCK_T"] >= 64 and c.num_warps >= 8)
+        and not (args["PRECISION"] == "tf32x3" and c.kwargs["BLOCK_T"] >= 64
+                 and c.num_warps < 8))},
 )
 @triton.jit
 def _linear_direct_kernel(

@@ -102,10 +102,16 @@ def _no_tf32(backend, legacy_owner):
 def exact_fp32():
     """Float32 matmuls and convolutions without TF32 inside the block (the reference ops on a
     GPU: a norm rounded to TF32 could be 1e-3 short, beyond every bound the engine adds, and
-    a clipped sum off by as much could exceed C); the user's settings are restored."""
+    a clipped sum off by as much could exceed C); the user's settings are restored.  Global
+    state, as torch's own settings are: not for two threads at once."""
     matmul = torch.backends.cuda.matmul
     with cudnn_exact_fp32(), _no_tf32(matmul, matmul):
         yield
+
+
+def exact_fp32_on(t: torch.Tensor):
+    """``exact_fp32()`` for a tensor off the CPU (a GPU), nothing on the CPU."""
+    return contextlib.nullcontext() if t.device.type == "cpu" else exact_fp32()
 
 
 def cudnn_exact_fp32():

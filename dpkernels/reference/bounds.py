@@ -29,8 +29,12 @@ def magnitude(a: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
 # IEEE rounding.  A tensor-core block FMA adds k exact products to its accumulator with an
 # error of at most (k + 2) 2^-23 times the sum of the magnitudes of its terms (operands aligned
 # to the largest exponent and truncated, the result truncated: Fasi et al. 2021 on V100/A100,
-# Khattak and Mikaitis 2025 on H100/B200); a chunk chains BK / k of them, so its error is at
-# most 3 BK 2^-23 = 6 BK u for any k >= 1: TC_CHUNK_ROUNDINGS doubles that for safety.  The
+# Khattak and Mikaitis 2025 on H100/B200); a chunk's high-part dot chains BK / k of them, so
+# its error is at most 3 BK 2^-23 = 6 BK u for any k >= 1 (the float32 split's two low-part
+# dots run first, from zero, on terms 2^-10 of the size: they add 3 (BK + 1) 2^-23 at most
+# in all, inside the factor 2); TC_CHUNK_ROUNDINGS doubles it for safety (an adversarial
+# review's software tensor core exceeds it only when it keeps 21 bits or fewer, which
+# tests/test_gpu.py probes on the hardware).  The
 # TF32 split (hi rounded to nearest, lo truncated by the tensor core, lo * lo dropped) is off
 # by at most 5 2^-22 = 20 u per product; underflow inside the scaled chunk is relative and far
 # below u; TC_SPLIT_ROUNDINGS = 26 covers both.  The chunk sums add ceil(K / 16) roundings
