@@ -233,6 +233,19 @@ class HFRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm scales by ``1 + w``: the op-captured term is mapped back through a
+    function of the parameter (``Tracked.fn``), an elementwise one."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return normed * (1.0 + self.weight.float())
+
+
 class FunctionalLN(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -253,7 +266,8 @@ class ChannelGN(nn.Module):
 
 
 NORMS = {"layer_norm": lambda n: nn.LayerNorm(n), "rms_norm": lambda n: nn.RMSNorm(n),
-         "group_norm": ChannelGN, "hf_rms_norm": HFRMSNorm, "functional_ln": FunctionalLN}
+         "group_norm": ChannelGN, "hf_rms_norm": HFRMSNorm, "functional_ln": FunctionalLN,
+         "gemma_rms_norm": GemmaRMSNorm}
 
 
 @pytest.mark.parametrize("mode", ["fast", "low-memory"])

@@ -62,12 +62,18 @@ class Tracked:
     respect to the parameter (cast back): rules may then use their fused ``Use`` for the
     parameter directly.  Anything else (``1 + w``, a transpose, weight standardisation) maps
     the per-sample gradient back through ``fn`` with ``torch.func.vjp``: exact, because ``fn``
-    does not depend on the sample, but materialised."""
+    does not depend on the sample, but materialised.
+
+    ``diagonal``: ``fn`` maps each element of the parameter to the same element of the result
+    alone (casts, ``1 + w``, ``exp(w)``, ``w * w``: a diagonal Jacobian), so the magnitudes of
+    a per-sample gradient's terms map back through it too (``use``'s ``mag``)."""
 
     def __init__(self, param: nn.Parameter, fn: Callable | None = None,
-                 batch_const: bool = False, same_grad: bool | None = None) -> None:
+                 batch_const: bool = False, same_grad: bool | None = None,
+                 diagonal: bool | None = None) -> None:
         self.param, self.fn, self.batch_const = param, fn, batch_const
         self.same_grad = fn is None if same_grad is None else same_grad
+        self.diagonal = fn is None if diagonal is None else diagonal
 
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
@@ -78,7 +84,12 @@ class Tracked:
         with respect to this tensor (``s`` its shape, with dim 0 as 1 when ``batch_const``).
         ``fast``: a ghost-norm ``Use`` valid when this is the parameter itself.  ``mag``:
         ``per_sample`` is a sum over ``terms`` positions whose magnitudes sum to ``mag``
-        (``SummedTerms``: its cancellation bound), used when this is the parameter itself."""
+        (``SummedTerms``: its cancellation bound), used when this is the parameter itself or
+        a ``diagonal`` function of it (the rounding error e of ``per_sample`` maps back as
+        J^T e with J diagonal: |J^T e| <= |J^T mag| elementwise, mag being >= 0).  Any other
+        function of the parameter releases the materialised gradient mapped back: its norm
+        is that of what is released, but its distance to the exact gradient is not bounded
+        (DESIGN.md section 6)."""
         if self.fn is None:
             if fast is not None:
                 return fast()
@@ -95,8 +106,16 @@ class Tracked:
             def fn(v, f=self.fn):
                 return f(v)[:1]
         out, vjp_fn = torch.func.vjp(fn, v)
-        psg = torch.func.vmap(vjp_fn)(per_sample.to(out.dtype).reshape(-1, *out.shape))[0]
-        return DenseUse(psg.to(torch.promote_types(psg.dtype, torch.float32)))
+        back = torch.func.vmap(vjp_fn)
+
+        def mapped(t):
+            r = back(t.to(out.dtype).reshape(-1, *out.shape))[0]
+            return r.to(torch.promote_types(r.dtype, torch.float32))
+
+        psg = mapped(per_sample)
+        if mag is not None and self.diagonal and terms > 1:
+            return SummedDenseUse(psg, mapped(mag).abs(), terms)
+        return DenseUse(psg)
 
 
 _EXPANDS = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
@@ -107,6 +126,20 @@ _SAME_GRAD = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Te
               torch.Tensor.clone, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
               torch.Tensor.view_as, torch.Tensor.reshape_as}
 # calls that keep every row along dim 0 equal when they were
+# calls that map each element to the same element alone (with scalars or the parameter itself
+# as the other operands: every tensor operand of a parameter-only call is tracked): a diagonal
+# Jacobian when the result keeps the parameter's shape (checked where it is used)
+_DIAGONAL = _SAME_GRAD - {torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
+                          torch.Tensor.view_as, torch.Tensor.reshape_as} | {
+    torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.rsub,
+    torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+    torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__,
+    torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.exp, torch.Tensor.exp,
+    torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, torch.sqrt,
+    torch.Tensor.sqrt, torch.rsqrt, torch.Tensor.rsqrt, torch.square, torch.Tensor.square,
+    torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.__rpow__, torch.abs,
+    torch.Tensor.abs, F.softplus, F.relu, torch.relu, torch.clamp, torch.Tensor.clamp}
 _ROWWISE = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
             torch.Tensor.bfloat16, torch.Tensor.type, torch.Tensor.contiguous, torch.Tensor.clone}
 
@@ -216,7 +249,11 @@ class CaptureMode(TorchFunctionMode):
                     and out.shape == param.shape and out.is_floating_point()
                     and not (func is torch.Tensor.view
                              and any(isinstance(v, torch.dtype) for v in flat)))
-            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same))
+            diag = (func in _DIAGONAL and all(tr.diagonal for _, tr in hits)
+                    and out.shape == param.shape and out.is_floating_point()
+                    and not (func is torch.Tensor.view
+                             and any(isinstance(v, torch.dtype) for v in flat)))
+            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same, diag))
         elif isinstance(out, (tuple, list)):  # split, chunk, unbind
             for j, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
