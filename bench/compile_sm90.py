@@ -8,8 +8,8 @@ calls the real launchers on CPU tensors and compiles each autotune config (after
 own early pruning) without launching.  Two sources of launches:
 
 * **models**: one DP step of each ANCHORS.md bench model (gpt B16 T256 fp32 and bf16, gpt
-  B64 T256 fp32, cnn B256, mlp B1024; not gpt B2 T2048: trace_step.py builds gpt for T = 256
-  only), traced as bench/trace_step.py does
+  B64 T256 fp32, gpt B2 T2048 fp32 and bf16, cnn B256, mlp B1024), traced as
+  bench/trace_step.py does
   (fake tensors, launchers sizing grids for an H200's 132 SMs); every launch is replayed on
   small real tensors of the same dtypes with the same scalar arguments, so each variant the
   bench models launch is compiled;
@@ -117,6 +117,7 @@ def _spill(ru: str, what: str) -> int:
 # not hold.  Triton folds ``acc + tl.dot(x, y)`` into ``tl.dot(x, y, acc)``; norm_mma avoids
 # that form, and this check reads the compiled TTGIR to make sure no compiler does it anyway.
 NORM_KERNELS = {"_ghost_many_kernel", "_embedding_many_kernel", "_linear_ghost_kernel",
+                "_direct_many_kernel",
                 "_linear_direct_kernel", "_embedding_ghost_kernel", "_conv_ghost_kernel",
                 "_conv_direct_kernel"}
 CHUNK_FAIL: list[tuple] = []
@@ -315,10 +316,9 @@ def shapes() -> None:
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-# ANCHORS.md's bench models (bench/e2e.py's "anchors" preset but gpt B2 T2048:
-# bench/trace_step.py builds gpt for T = 256 only)
-MODEL_CASES = ["gpt:fp32:16:256", "gpt:bf16:16:256", "gpt:fp32:64:256", "cnn:fp32:256",
-               "mlp:fp32:1024"]
+# ANCHORS.md's bench models (bench/e2e.py's "anchors" preset), and gpt B2 T2048 in bf16 too
+MODEL_CASES = ["gpt:fp32:16:256", "gpt:bf16:16:256", "gpt:fp32:64:256", "gpt:fp32:2:2048",
+               "gpt:bf16:2:2048", "cnn:fp32:256", "mlp:fp32:1024"]
 
 
 class _TensorArg:

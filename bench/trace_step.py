@@ -78,6 +78,7 @@ TRITON_TC_SHARE = 0.8
 FP32_ALU_OPS = 33.5e12
 # the kernels whose float32 dots go through norm_mma's split
 SPLIT_NORM_KERNELS = {"_ghost_many_kernel", "_embedding_many_kernel", "_linear_ghost_kernel",
+                      "_direct_many_kernel",
                       "_linear_direct_kernel", "_embedding_ghost_kernel", "_conv_ghost_kernel",
                       "_conv_direct_kernel"}
 KERNEL_FLOOR_S = 2.5e-6  # least device time of any kernel, launch gap included (assumed)
@@ -235,7 +236,7 @@ def _base(fn):
 def _split_alu_share(name: str, kw) -> float:
     """ALU time of norm_mma's float32 split per unit of its tensor-core time, for the chunk
     shape of ``name`` (operands M x K and K x N, output M x N)."""
-    if name in ("_linear_direct_kernel", "_conv_direct_kernel"):
+    if name in ("_linear_direct_kernel", "_conv_direct_kernel", "_direct_many_kernel"):
         M, N, K = kw.get("BLOCK_P", 64), kw.get("BLOCK_D", 64), kw.get("BLOCK_T", 32)
     else:
         M = N = kw.get("BLOCK_T", 64)
@@ -319,7 +320,7 @@ def _record_launch(self, grid):
 # contents (the operands' addresses and shapes) cannot be read from a traced launch's fake
 # tensors
 NOTED_KERNELS = {"_ghost_many_kernel", "_row_product_many_kernel", "_bias_many_kernel",
-                 "_embedding_many_kernel"}
+                 "_embedding_many_kernel", "_direct_many_kernel"}
 _NOTED: list[tuple[float, float]] = []
 
 
@@ -342,6 +343,8 @@ def trace_case(model_name: str, dtype: str, batch: int, seq: int | None,
     if model_name not in MODELS:
         raise SystemExit(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
     arch, sizes = MODELS[model_name]
+    if seq is not None and arch in ("gpt", "hf-gpt2", "hf-llama"):
+        sizes = {**sizes, "seq": max(seq, sizes.get("seq", 0))}  # position table long enough
     sp = spec(arch, **sizes)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
     with FakeTensorMode(allow_non_fake_inputs=False), warnings.catch_warnings():
@@ -377,7 +380,9 @@ def trace_case(model_name: str, dtype: str, batch: int, seq: int | None,
     return tr
 
 
-CASES = {"default": ["gpt:fp32:16:256", "gpt:bf16:16:256", "mlp:fp32:1024"]}
+CASES = {"default": ["gpt:fp32:16:256", "gpt:bf16:16:256", "mlp:fp32:1024"],
+         # ANCHORS.md's long-sequence row: the norms take the direct form there
+         "long": ["gpt:fp32:2:2048", "gpt:bf16:2:2048"]}
 COLUMNS = ["date", "card", "torch", "triton", "git_sha", "model", "dtype", "batch", "seq",
            "mode", "triton_launches", "torch_kernels", "extra_launches", "allocations",
            "gbytes", "tflop", "est_device_ms", "est_host_ms", "est_step_ms", "est_ratio"]
@@ -409,7 +414,8 @@ def kernel_table(tr: Trace, top: int = 25) -> list[list[str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="default",
-                    help="comma-separated model:dtype:batch[:seq] items, or 'default'")
+                    help="comma-separated model:dtype:batch[:seq] items, or a preset: "
+                         "'default', 'long'")
     ap.add_argument("--out-prefix", help="write <prefix>.csv and <prefix>.md")
     ap.add_argument("--kernels", action="store_true", help="print the per-kernel tables")
     ap.add_argument("--label", default="", help="a note for the markdown header")

@@ -49,6 +49,11 @@ def _items(B):
         (ids[:, :33].to(torch.int32), torch.randn(B, 33, 5), "embedding", None),
         (ids[:, :1], torch.randn(B, 1, 4), "embedding", None),  # T = 1
         (ids[:, :0], torch.randn(B, 0, 4), "embedding", 2),  # T = 0
+        (torch.randn(B, 50, 3), torch.randn(B, 50, 4), "auto", True),  # direct by cost
+        (torch.randn(B, 9, 3), torch.randn(B, 9, 2), "direct", False),  # same shape, no bias
+        (torch.randn(B, 45, 40), torch.randn(B, 45, 70)[:, :, ::2], "direct", True),  # tiles
+        (torch.randn(B, 12, 5).to(torch.bfloat16), torch.randn(B, 12, 6).to(torch.bfloat16),
+         "direct", True),
     ]
 
 
@@ -78,14 +83,28 @@ def test_linear_norms_many(B):
 
 
 @pytest.mark.parametrize("which", [[0], [1, 2], [3, 4], [0, 3], [11], [1, 11, 12], [14],
-                                   [1, 14, 15, 16]],
+                                   [1, 14, 15, 16], [19], [7, 18, 19, 20, 21], [0, 7, 3, 19]],
                          ids=["ghost", "ghost-2T", "rows", "ghost+rows", "bias", "ghost+biases",
-                              "embedding", "ghost+embeddings"])
+                              "embedding", "ghost+embeddings", "direct", "directs",
+                              "direct+ghost+rows"])
 def test_linear_norms_many_one_kind(which):
     """Each launch alone and in the combinations that decide whether unwritten partials are
     zeroed (one ghost width, two widths, T == 1 only, T == 1 beside ghost)."""
     torch.manual_seed(7)
     items = [_items(4)[i] for i in which]
+    out = ghost_many.linear_norms_many(items)
+    for r, (e64, e32) in enumerate(zip(_expected(items, torch.float64),
+                                       _expected(items, torch.float32))):
+        check(out[r], e64, e32, f"row {r}")
+
+
+def test_direct_uses_take_the_grouped_launch(monkeypatch):
+    """Direct-form uses (long sequences) run in one launch per shape, never per use."""
+    def per_use(*a, **k):
+        raise AssertionError("linear_norms called per use")
+
+    monkeypatch.setattr(ghost_many.linear, "linear_norms", per_use)
+    items = [_items(3)[i] for i in (7, 18, 19, 20, 21)]
     out = ghost_many.linear_norms_many(items)
     for r, (e64, e32) in enumerate(zip(_expected(items, torch.float64),
                                        _expected(items, torch.float32))):

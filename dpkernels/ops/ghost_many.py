@@ -8,7 +8,9 @@ launch for the ghost-form Linear uses (T > 1, the same tiled Gram products as
 alone (``||sum_t g_t||^2``: a Linear with a frozen weight, a norm layer's per-sample terms
 kept as partial sums), one for Embeddings (the tiled ``sum_{t,s} [x_t = x_s] (g_t.g_s)``), one
 table of addresses and strides for all launches, and one sum of the per-tile partials for all
-of them.  Uses of another form (direct, empty) run ``linear_norms`` one by one.
+of them.  Direct-form uses (long sequences: ``T (d + p) >= d p``) take one launch per shape
+(``W_b`` tiles squared on chip, as ``_linear_direct_kernel``), one sum per launch and one
+scatter into the output rows.  Empty uses run ``linear_norms`` one by one.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from dpkernels.ops._common import (
     check_float,
     device_table,
     gram_tile,
+    keep_configs,
     norm_precision,
     same_dtype,
+    stage_table,
     upper_pairs,
     use_reference,
 )
@@ -241,6 +245,51 @@ def _bias_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
     _store_first(part_ptr + (tl.load(row + 12) * B + b) * n_part, tl.sum(sq, axis=0), n_part)
 
 
+@autotune(
+    [
+        triton.Config({"BLOCK_T": 32}, num_warps=4),
+        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+    ],
+    key=["n_q", "BLOCK_P", "BLOCK_D", "WITH_BIAS", "PRECISION"],
+    # as _linear_direct_kernel: norm_mma's float32 split with 64-row T tiles on 4 warps spilled
+    prune_configs_by={"early_config_prune": keep_configs(
+        lambda c, args: not (args["PRECISION"] == "tf32x3" and c.kwargs["BLOCK_T"] >= 64
+                             and c.num_warps < 8))},
+)
+@triton.jit
+def _direct_many_kernel(table_ptr, part_ptr, B, n_q, n_td, TYPE: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Direct-form uses of one shape (``_linear_direct_kernel`` for all of them): sample
+    ``program_id(0)``, use ``program_id(1)``, (p-tile, d-tile) ``q = program_id(2)``:
+    ``part[u, b, q] = ||W_b tile||^2`` with ``W_b = sum_t g_t a_t^T``, and WITH_BIAS
+    ``part[k, b, q] = ||sum_t g_t||^2`` over the p-tile from the d-tile-0 programs (0 from
+    the others), k the table row's slot 13."""
+    b = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1).to(tl.int64)
+    q = tl.program_id(2).to(tl.int64)
+    row = table_ptr + u * 16
+    a_ptr = tl.load(row + 0).to(tl.pointer_type(TYPE))
+    sab, sat, sak, d = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    g_ptr = tl.load(row + 5).to(tl.pointer_type(TYPE))
+    sgb, sgt, sgk, p = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
+    T = tl.load(row + 10)
+    cp = (q // n_td) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)  # [BP]
+    cd = (q % n_td) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)  # [BD]
+    mp = cp < p
+    md = cd < d
+    w, g_acc = linear.direct_tile(a_ptr, sab, sat, sak, g_ptr, sgb, sgt, sgk, b, cp, cd, mp,
+                                  md, T, UPCAST, PRECISION, WITH_BIAS, BLOCK_P, BLOCK_D,
+                                  BLOCK_T)
+    tl.store(part_ptr + (u * B + b) * n_q + q, tl.sum(tl.sum(w * w, axis=1), axis=0))
+    if WITH_BIAS:
+        beta = tl.sum(g_acc, axis=1)  # [BP] sum_t g_t over this p-tile
+        sb = tl.where(q % n_td == 0, tl.sum(beta * beta, axis=0), 0.0)
+        tl.store(part_ptr + (tl.load(row + 13) * B + b) * n_q + q, sb)
+
+
 def _block_t(T: int) -> int:
     """The Gram tile width ``linear_norms`` uses: 64 on the GPU when T fills it, else 32 (the
     interpreter always uses 32 so that small test shapes span several tiles)."""
@@ -261,8 +310,9 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     ``(a, g, method, with_bias)`` of ``items`` (weight row, then the bias row when with_bias;
     ``a`` None: the bias row alone), then the magnitude rows ``mags`` asks for (the
     reference's): one launch per kind (ghost, T == 1, bias alone) and dtype, one sum over the
-    tile partials.  The T == 1 launch writes the magnitudes of its uses from the row norms it
-    computes anyway; those of other uses come from ``magnitude_many``."""
+    tile partials; direct-form uses one launch per shape, their sums scattered by one copy.
+    The T == 1 launch writes the magnitudes of its uses from the row norms it computes
+    anyway; those of other uses come from ``magnitude_many``."""
     B, n_rows = ref.check_items("linear_norms_many", items)
     mags = ref.check_mags("linear_norms_many", items, mags)
     if any(use_reference(a, g) for a, g, _, _ in items):
@@ -282,6 +332,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     prods: dict[torch.dtype, list] = {}  # T == 1: dtype -> table rows
     biases: dict[torch.dtype, list] = {}  # a bias alone: dtype -> table rows
     embs: dict[tuple, list] = {}  # (ids dtype, dtype, BLOCK_T) -> table rows
+    direct: dict[tuple, list] = {}  # (dtype, d, p, with bias) -> table rows
     alone: list[int] = []  # items computed by linear_norms one by one
     keep = []  # operands cast here must live until their launch
     n_tiles: dict[tuple, int] = {}  # the most t-tiles of a use of the launch
@@ -321,14 +372,19 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
         if B == 0 or T == 0 or d == 0 or p == 0:
             alone.append(i)
             continue
-        if T > 1 and (choose_method(T, d, p) if method == "auto" else method) != "ghost":
-            alone.append(i)
+        is_direct = T > 1 and (choose_method(T, d, p) if method == "auto"
+                               else method) != "ghost"
+        if is_direct and method not in ("auto", "direct"):
+            alone.append(i)  # linear_norms refuses an unknown method
             continue
         a, g = same_dtype(a, g)
         keep.append((a, g))
         kw, kb = out_rows[i]
         entry = [a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), d,
                  g.data_ptr(), g.stride(0), g.stride(1), g.stride(2), p, T, kw, kb, -1, -1, -1]
+        if is_direct:
+            direct.setdefault((a.dtype, d, p, kb >= 0), []).append(entry)
+            continue
         if T == 1:
             for kind, slot in (("a", 13), ("g", 14), ("ag", 15)):
                 r = mag_rows.pop((i, kind), None)
@@ -351,7 +407,23 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     n_part = max([1, *n_pairs.values()])
     part = torch.empty(n_out, B, n_part, dtype=torch.float32, device=device)
     # the rows of every launch in one table: one host-to-device copy, a slice per launch
-    launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values()]
+    # direct-form uses: one launch per shape, partial rows [uses, then their biases] per
+    # launch, summed and scattered into their output rows by one index_copy
+    bd = 32 if INTERPRET else 64
+    direct_plan = []  # (key, n_q, n_td, partial rows, target output rows)
+    for key, rows in direct.items():
+        _, d, p, with_bias = key
+        n_u = len(rows)
+        for j, r in enumerate(rows):
+            r[13] = n_u + j if with_bias else -1
+        targets = [r[11] for r in rows] + ([r[12] for r in rows] if with_bias else [])
+        n_td = triton.cdiv(d, bd)
+        direct_plan.append((key, n_td * triton.cdiv(p, bd), n_td, len(targets), targets))
+    targets = [k for *_, t in direct_plan for k in t]
+    if targets:
+        stage_table([targets], torch.int64, device)
+    launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values(),
+                *direct.values()]
     starts = [0]
     for rows in launches:
         starts.append(starts[-1] + len(rows))
@@ -385,6 +457,20 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
             table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
             TYPE=_TYPES[dt])
     out = part.view(n_out, B) if n_part == 1 else part.sum(-1)
+    sums = []
+    for (key, n_q, n_td, n_rows_d, _), rows in zip(direct_plan, direct.values()):
+        dt, d, p, with_bias = key
+        dpart = torch.empty(n_rows_d, B, n_q, dtype=torch.float32, device=device)
+        _note_cost(sum((r[10] * (d + p)) * B * 4.0 for r in rows),
+                   sum(2.0 * B * n_q * bd * bd * r[10] for r in rows))
+        _direct_many_kernel[(B, len(rows), n_q)](
+            table_ptr=next(slices), part_ptr=dpart, B=B, n_q=n_q, n_td=n_td,
+            TYPE=_TYPES[dt], UPCAST=INTERPRET, PRECISION=norm_precision(dt),
+            WITH_BIAS=with_bias, BLOCK_P=bd, BLOCK_D=bd)
+        sums.append(dpart.sum(-1))
+    if sums:
+        idx = device_table([targets], torch.int64, device).view(-1)
+        out.index_copy_(0, idx, sums[0] if len(sums) == 1 else torch.cat(sums))
     for i in alone:
         a, g, method, with_bias = items[i]
         kw, kb = out_rows[i]

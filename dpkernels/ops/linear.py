@@ -127,6 +127,35 @@ def _linear_ghost_kernel(
         tl.store(bias_part_ptr + pid, sb)
 
 
+@triton.jit
+def direct_tile(a_ptr, sab, sat, sak, g_ptr, sgb, sgt, sgk, b, cp, cd, mp, md, T,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                NORM: tl.constexpr = True):
+    """The [BP, BD] tile (rows ``cp``, columns ``cd``) of ``W_b = sum_t g_t a_t^T`` over all
+    T (NORM: for a norm, ``norm_mma``; else a clipped sum's ``mma``), and WITH_BIAS the
+    [BP, BT] running sum of the g tiles streamed (zeros otherwise), reduced over t by the
+    caller: a tl.sum inside the loop trips an assertion in triton 3.6's
+    OptimizeThreadLocality pass (float32)."""
+    ts = tl.arange(0, BLOCK_T).to(tl.int64)  # int64: t * stride may pass 2^31 (strided views)
+    w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + ts
+        mt = t < T
+        gt = tl.load(g_ptr + b * sgb + t[None, :] * sgt + cp[:, None] * sgk,
+                     mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
+        x = tl.load(a_ptr + b * sab + t[:, None] * sat + cd[None, :] * sak,
+                    mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
+        if NORM:
+            w = norm_mma(gt, x, w, UPCAST, PRECISION)
+        else:
+            w = mma(gt, x, w, UPCAST, PRECISION)
+        if WITH_BIAS:
+            g_acc += gt.to(tl.float32)
+    return w, g_acc
+
+
 @autotune(
     [
         triton.Config({"BLOCK_T": 32}, num_warps=4),
@@ -165,33 +194,11 @@ def _linear_direct_kernel(
     cd = (q % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     mp = cp < p
     md = cd < d
-    ts = tl.arange(0, BLOCK_T).to(tl.int64)  # int64: t * stride may pass 2^31 (strided views)
-
-    w1 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    if WITH_BIAS:
-        # [BP, BT] running sum of the g tiles, reduced over t after the loop: a tl.sum inside
-        # the loop trips an assertion in triton 3.6's OptimizeThreadLocality pass (float32)
-        g_acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, T1, BLOCK_T):
-        t = t0 + ts
-        mt = t < T1
-        gt = tl.load(g1_ptr + b * sg1b + t[None, :] * sg1t + cp[:, None] * sg1k,
-                     mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
-        x = tl.load(a1_ptr + b * sa1b + t[:, None] * sa1t + cd[None, :] * sa1k,
-                    mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
-        w1 = norm_mma(gt, x, w1, UPCAST, PRECISION)
-        if WITH_BIAS:
-            g_acc += gt.to(tl.float32)
+    w1, g_acc = direct_tile(a1_ptr, sa1b, sa1t, sa1k, g1_ptr, sg1b, sg1t, sg1k, b, cp, cd, mp,
+                            md, T1, UPCAST, PRECISION, WITH_BIAS, BLOCK_P, BLOCK_D, BLOCK_T)
     if SECOND:
-        w2 = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        for t0 in range(0, T2, BLOCK_T):
-            t = t0 + ts
-            mt = t < T2
-            gt = tl.load(g2_ptr + b * sg2b + t[None, :] * sg2t + cp[:, None] * sg2k,
-                         mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BT]
-            x = tl.load(a2_ptr + b * sa2b + t[:, None] * sa2t + cd[None, :] * sa2k,
-                        mask=mt[:, None] & md[None, :], other=0.0)  # [BT, BD]
-            w2 = norm_mma(gt, x, w2, UPCAST, PRECISION)
+        w2, _ = direct_tile(a2_ptr, sa2b, sa2t, sa2k, g2_ptr, sg2b, sg2t, sg2k, b, cp, cd, mp,
+                            md, T2, UPCAST, PRECISION, False, BLOCK_P, BLOCK_D, BLOCK_T)
         s = tl.sum(tl.sum(w1 * w2, axis=1), axis=0)
     else:
         s = tl.sum(tl.sum(w1 * w1, axis=1), axis=0)
@@ -298,17 +305,10 @@ def _linear_clipped_sum_kernel(
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     if ONE_PASS:
         # rows_per_split is a multiple of T: samples r_start // T up to r_end // T
-        ts = tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
         for b in range(r_start // T, r_end // T):
-            w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # this sample's W_b tile
-            for t0 in range(0, T, BLOCK_K):
-                t = t0 + ts
-                mt = t < T
-                gt = tl.load(g_ptr + b * sgb + t[None, :] * sgt + cp[:, None] * sgk,
-                             mask=mp[:, None] & mt[None, :], other=0.0)  # [BP, BK]
-                x = tl.load(a_ptr + b * sab + t[:, None] * sat + cd[None, :] * sak,
-                            mask=mt[:, None] & md[None, :], other=0.0)  # [BK, BD]
-                w = mma(gt, x, w, UPCAST, PRECISION)
+            w, _ = direct_tile(a_ptr, sab, sat, sak, g_ptr, sgb, sgt, sgk, b, cp, cd, mp, md,
+                               T, UPCAST, PRECISION, False, BLOCK_P, BLOCK_D, BLOCK_K,
+                               NORM=False)  # this sample's W_b tile
             acc += tl.load(c_ptr + b) * w
     else:
         for r0 in range(r_start, r_end, BLOCK_K):
