@@ -143,8 +143,12 @@ class DPTrainer(Trainer):
         self.steps_per_epoch = steps_per_epoch
         self.poisson_seed = poisson_seed
         self.per_sample_loss = per_sample_loss
+        if delta is not None and not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
+            raise ValueError(f"dpkernels: delta must lie in (0, 1), got {delta!r}")
         self.delta = delta
         self.log_clipping = bool(log_clipping)
+        self._logged_norms = None  # the per-sample norms the last log reported
+        self._epsilon_failed = False
         self._check_args()
         mine = {id(p) for p in dp_optimizer.engine.params}
         if not any(id(p) in mine for p in self.model.parameters()):
@@ -362,18 +366,34 @@ class DPTrainer(Trainer):
         ``epsilon``), and with ``log_clipping=True`` ``dp_clipped_fraction`` and
         ``dp_median_sample_norm`` (the per-sample gradient norms before clipping, of the last
         micro-batch: statistics of private data without noise, NOT covered by epsilon, like
-        the training loss).  Trainer's ``grad_norm`` is dropped: it read ``.grad`` before the
-        DP step wrote it."""
+        the training loss; the fraction is of samples whose clip factor was below 1, and is
+        not logged under per-layer clipping).  Trainer's ``grad_norm`` is dropped: it read
+        ``.grad`` before the DP step wrote it."""
         if "loss" in logs:
             logs = dict(logs)
             logs.pop("grad_norm", None)
-            norms = self.dp_optimizer.per_sample_norms if self.log_clipping else None
-            if norms is not None and norms.numel():
-                norms = norms.detach().float()
-                logs["dp_clipped_fraction"] = float(
-                    (norms > self.dp_optimizer.max_grad_norm).float().mean())
-                logs["dp_median_sample_norm"] = float(norms.median())
-            if self.delta is not None and self.dp_optimizer.steps:
-                logs["epsilon_rdp"] = self.dp_optimizer.epsilon(self.delta, accountant="rdp")
+            if self.log_clipping:
+                logs.update(self._clipping_stats())
+            if self.delta is not None and self.dp_optimizer.steps and not self._epsilon_failed:
+                try:
+                    logs["epsilon_rdp"] = self.dp_optimizer.epsilon(self.delta, accountant="rdp")
+                except ValueError as e:  # e.g. steps taken before DPTrainer at an unknown rate
+                    self._epsilon_failed = True
+                    warnings.warn(f"dpkernels: epsilon_rdp is not logged: {e}", stacklevel=2)
         super().log(logs, *args, **kwargs)
+
+    def _clipping_stats(self) -> dict:
+        """The clipped fraction (factor below 1, a dropped non-finite sample included: the
+        factors the last micro-batch was clipped with, whatever C is now) and the median
+        finite per-sample norm; nothing when no micro-batch was clipped since the last log
+        (empty Poisson batches)."""
+        engine = self.dp_optimizer.engine
+        norms, factors = engine.last_norms, engine.last_factors
+        if norms is None or norms is self._logged_norms or not norms.numel():
+            return {}
+        self._logged_norms = norms
+        out = {"dp_median_sample_norm": float(norms.detach().float().nanmedian())}
+        if factors is not None:  # per-layer clipping scales each group on its own
+            out["dp_clipped_fraction"] = float((factors.detach() < 1.0).float().mean())
+        return out
 

@@ -174,6 +174,40 @@ def test_training_logs_show_the_dp_view(tmp_path):
                if h["dp_clipped_fraction"] == 1.0)
 
 
+@pytest.mark.parametrize("delta", [0, 1, -1e-5, float("nan"), True])
+def test_bad_delta_refused_before_training(tmp_path, delta):
+    model = gpt2(torch.float32)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="delta must lie in"):
+        hf.DPTrainer(model=model, args=args(tmp_path), train_dataset=dataset(),
+                     dp_optimizer=dp, sample_rate=4 / N, delta=delta)
+
+
+def test_clipping_statistics_follow_the_factors_used(tmp_path):
+    """Adaptive clipping changes C after each step: the logged fraction is of the factors the
+    step used (below 1), not of the norms against the next step's C; an empty Poisson batch
+    repeats nothing."""
+    q, seed = 0.25, 1
+    model = gpt2(torch.float32)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=1.0,
+                                expected_batch_size=q * N,
+                                adaptive_clipping=dpkernels.AdaptiveClipping(
+                                    target_quantile=0.5, learning_rate=0.5, count_noise_std=2.0))
+    seen = []
+    dp.engine.factor_hooks.append(lambda n, f: seen.append(float((f < 1).float().mean())))
+    trainer = hf.DPTrainer(model=model, args=args(tmp_path, logging_strategy="steps",
+                                                  logging_steps=1,
+                                                  per_device_train_batch_size=N),
+                           train_dataset=dataset(), dp_optimizer=dp, sample_rate=q,
+                           steps_per_epoch=4, poisson_seed=seed, log_clipping=True)
+    trainer.train()  # one micro-batch per step: one factor vector each
+    logged = [h["dp_clipped_fraction"] for h in trainer.state.log_history
+              if "dp_clipped_fraction" in h]
+    assert logged == seen
+
+
 def test_clipping_statistics_are_not_logged_unless_asked(tmp_path):
     trainer = _make(tmp_path, logging_strategy="steps", logging_steps=1)
     trainer.train()

@@ -21,6 +21,7 @@ which the engine's leak hook refuses: nothing reaches a parameter unclipped.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable
@@ -70,10 +71,14 @@ class Tracked:
 
     def __init__(self, param: nn.Parameter, fn: Callable | None = None,
                  batch_const: bool = False, same_grad: bool | None = None,
-                 diagonal: bool | None = None) -> None:
+                 diagonal: bool | None = None, low_ops: int = 0) -> None:
         self.param, self.fn, self.batch_const = param, fn, batch_const
         self.same_grad = fn is None if same_grad is None else same_grad
         self.diagonal = fn is None if diagonal is None else diagonal
+        # calls of fn with a 16-bit result: autograd rounds the gradient (and the derivative)
+        # to 16 bits there, which the vjp in ``use`` does too; whether one is bfloat16
+        self.low_ops = low_ops
+        self.low_ops_bf16 = False
 
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
@@ -90,13 +95,20 @@ class Tracked:
         function of the parameter releases the materialised gradient mapped back: its norm
         is that of what is released, but its distance to the exact gradient is not bounded
         (DESIGN.md section 6)."""
-        if self.fn is None:
+        p = self.param
+        if self.fn is None or (self.same_grad and not self.batch_const):
+            # the parameter itself, or a cast or same-shape view of it: the gradient with
+            # respect to it is the parameter's (no vjp, which would round it to a 16-bit cast)
+            if self.fn is not None:
+                per_sample = per_sample.reshape(per_sample.shape[0], *p.shape).to(
+                    torch.promote_types(per_sample.dtype, torch.float32))
+                if mag is not None:
+                    mag = mag.reshape(per_sample.shape)
             if fast is not None:
                 return fast()
             if mag is not None:
                 return SummedDenseUse(per_sample, mag, terms)
             return DenseUse(per_sample)
-        p = self.param
         dt = torch.promote_types(p.dtype, torch.float32)
         if per_sample.shape[0] == 0:
             return DenseUse(torch.zeros((0, *p.shape), dtype=dt, device=p.device))
@@ -113,12 +125,24 @@ class Tracked:
             return r.to(torch.promote_types(r.dtype, torch.float32))
 
         psg = mapped(per_sample)
-        if mag is not None and self.diagonal and terms > 1:
+        if not self.diagonal:
+            return DenseUse(psg)
+        if self.low_ops:
+            # the vjp rounds the gradient to 16 bits where fn has a 16-bit result, and takes
+            # the derivatives there in 16 bits: an error of at most (1 + 2 low_ops) u16 |J|
+            # |per_sample| per element, |per_sample| <= mag, charged as extra positions of
+            # the sum form's bound (in units of float32's u)
+            u16 = 2.0**-8 if self.low_ops_bf16 else 2.0**-11
+            extra = math.ceil((1 + 2 * self.low_ops) * u16 / 2.0**-24)
+            m = per_sample.abs() if mag is None else mag
+            return SummedDenseUse(psg, mapped(m).abs(), terms + extra)
+        if mag is not None and terms > 1:
             return SummedDenseUse(psg, mapped(mag).abs(), terms)
         return DenseUse(psg)
 
 
 _EXPANDS = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
+_LOW = (torch.bfloat16, torch.float16)
 # calls whose backward is the identity on the parameter's elements (up to a cast) when the
 # result keeps the parameter's shape
 _SAME_GRAD = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
@@ -228,6 +252,11 @@ class CaptureMode(TorchFunctionMode):
             )
         out = func(*a, **k)
         param = hits[0][1].param
+        if not torch.is_grad_enabled() or (isinstance(out, torch.Tensor)
+                                           and not out.requires_grad):
+            # under no_grad, detach(), .data, an integer result: a constant to autograd, so
+            # no gradient flows back through it (tracked, it would be differentiated anyway)
+            return out
 
         def fn(v):
             vals = list(flat)
@@ -253,7 +282,11 @@ class CaptureMode(TorchFunctionMode):
                     and out.shape == param.shape and out.is_floating_point()
                     and not (func is torch.Tensor.view
                              and any(isinstance(v, torch.dtype) for v in flat)))
-            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same, diag))
+            low = sum(tr.low_ops for _, tr in hits) + (out.dtype in _LOW)
+            tr = Tracked(param, fn, const and out.shape[0] != 1, same, diag, low)
+            tr.low_ops_bf16 = (out.dtype == torch.bfloat16
+                               or any(t.low_ops_bf16 for _, t in hits))
+            self.track(out, tr)
         elif isinstance(out, (tuple, list)):  # split, chunk, unbind
             for j, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
