@@ -46,7 +46,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
@@ -333,6 +333,14 @@ def _install() -> None:
     ghost_many._note_cost = lambda nbytes, flops: _NOTED.append((nbytes, flops))
     # The launchers run on (fake) CPU tensors; nothing is launched, so Triton "runs" there.
     dispatch.triton_available = lambda device_type: (True, "")
+    # Fake tensors all report data_ptr() 0, so the address tables of layers of one shape came
+    # out byte-identical and table staging (ops/_common.py device_table) took them for one
+    # table: an address per storage, as real tensors have, keeps them apart.
+    FakeTensor.data_ptr = _fake_data_ptr
+
+
+def _fake_data_ptr(self) -> int:
+    return self.untyped_storage()._cdata + self.storage_offset() * self.element_size()
 
 
 def trace_case(model_name: str, dtype: str, batch: int, seq: int | None,
