@@ -157,6 +157,16 @@ def _norms_many(B, T, shapes, V=None, p_emb=None):
     return build
 
 
+def _direct_many(B, T, shapes):
+    """``linear_direct_many`` items: a Linear use with its bias and its W_b buffer per (d, p)
+    (long sequences: the direct form, W_b materialised)."""
+    def build(dt):
+        items = [(_r(B, T, d, dt=dt), _r(B, T, p, dt=dt), True,
+                  torch.empty(B, p, d, device=DEVICE)) for d, p in shapes]
+        return (items,), {}
+    return build
+
+
 def _clip_parts(B, U, R):
     """``clip_from_parts`` as the engine calls it for U uses (own bounds on R magnitude rows,
     each use's two underflow terms and one cross pair)."""
@@ -214,6 +224,7 @@ CPU = {
     "linear_norms_many": {"B4-T64-3uses-emb": _norms_many(4, 64, [(128, 384), (None, 384),
                                                                   (512, 128)], 1024, 128)},
     "clip_from_parts": {"B64-8uses": _clip_parts(64, 8, 12)},
+    "linear_direct_many": {"B2-T256-2uses": _direct_many(2, 256, [(64, 96), (96, 64)])},
     "layer_norm_psg_parts": {"B4-T64-d128": _norm_parts(4, 64, 128)},
     "rms_norm_psg_parts": {"B4-T64-d128": _norm_parts(4, 64, 128, rms=True)},
 }
@@ -266,6 +277,7 @@ GPU = {
     "linear_norms_many": {"gpt-block-tok": _norms_many(16, 256, GPT_LINEARS
                                                        + [(None, 768)] * 4, 16384, 768),
                           "mlp": _norms_many(1024, 1, [(784, 1024), (1024, 1024), (1024, 10)])},
+    "linear_direct_many": {"gpt-T2048-block": _direct_many(2, 2048, GPT_LINEARS)},
     # gpt-tiny's 2 blocks' uses ~ 26 contributions, 40 magnitude rows
     "clip_from_parts": {"gpt-B16": _clip_parts(16, 26, 40), "mlp-B1024": _clip_parts(1024, 6, 9)},
     "layer_norm_psg_parts": {"gpt-ln": _norm_parts(16, 256, 768)},

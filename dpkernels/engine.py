@@ -38,6 +38,7 @@ from dpkernels.layers.base import (
     underflow_own,
 )
 from dpkernels.reference import bounds as ref_bounds
+from dpkernels.reference.linear import choose_method
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -408,6 +409,18 @@ class Engine:
         backward (which keeps every use until clip time anyway), for engines that take all
         norms at clip time."""
         return self.phase is None and self.defer_norm_rows
+
+    # Direct-form Linear uses (long sequences: T (d + p) >= d p) keep their per-sample gradients
+    # W_b, no larger than the a and g they keep anyway: the norms and the clipped sum then both
+    # read W_b (one pass over a and g instead of two; ops "linear_direct_many").
+    instantiate_direct = True
+
+    def instantiates(self, T: int, d: int, p: int) -> bool:
+        """Whether a deferred Linear use of these sizes materialises ``W_b``."""
+        if not (self.instantiate_direct and T > 1 and d and p):
+            return False
+        method = choose_method(T, d, p) if self.norm_method == "auto" else self.norm_method
+        return method == "direct"
 
     def defer_norm(self, op: str, operands: tuple, rows: int) -> list[_Pending]:
         """``rows`` [B] squared norms that ``op([operands, ...])`` computes, as a [rows in

@@ -171,6 +171,34 @@ def test_tensor_core_accumulation_keeps_enough_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_direct_many_parity(dtype):
+    """Long sequences keep W_b (ops/ghost_many.linear_direct_many): the stored W_b and its
+    norms against float64, by the float32 rule."""
+    _ops()
+    from dpkernels.ops import ghost_many
+    from dpkernels.reference import ghost_many as ref_many
+
+    shapes = [(768, 2304), (3072, 768)]
+    items = [(torch.randn(2, 1024, d, device="cuda").to(dtype),
+              torch.randn(2, 1024, p, device="cuda").to(dtype), True,
+              torch.empty(2, p, d, device="cuda")) for d, p in shapes]
+    out = ghost_many.linear_direct_many(items)
+    r64 = ref_many.linear_direct_many(
+        [(a.double(), g.double(), True, torch.empty(w.shape, dtype=torch.float64,
+                                                     device="cuda")) for a, g, _, w in items])
+    r32 = ref_many.linear_direct_many(
+        [(a.float(), g.float(), True, torch.empty(w.shape, device="cuda"))
+         for a, g, _, w in items])
+    for r in range(out.shape[0]):
+        check(out[r], r64[r], r32[r], f"row {r}")
+    for a, g, _, w in items:
+        want = torch.einsum("btp,btd->bpd", g.double(), a.double())
+        with no_tf32():
+            base = torch.einsum("btp,btd->bpd", g.float(), a.float())
+        check(w, want, base, "W_b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clipped_sum_parity(dtype):
     _, _, linear, _ = _ops()
     from dpkernels.reference import linear as ref

@@ -345,3 +345,81 @@ def test_engine_deferred_norms_are_the_eager_norms(backend, dtype, twice, method
     rtol = 0.0 if dtype == torch.float64 else 64 * 2.0**-24
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=0)
+
+
+def _direct_items(B):
+    items = []
+    for T, d, p, bias, dt in [(50, 3, 4, True, torch.float32), (9, 3, 2, False, torch.float32),
+                              (45, 40, 35, True, torch.float32),
+                              (12, 5, 6, True, torch.bfloat16), (0, 3, 4, True, torch.float32)]:
+        a = torch.randn(B, T, d).to(dt)
+        g = torch.randn(B, T, 2 * p)[:, :, ::2].to(dt) if p == 35 else torch.randn(B, T, p).to(dt)
+        items.append((a, g, bias, torch.full((B, p, d), float("nan"))))
+    return items
+
+
+@pytest.mark.parametrize("B", [3, 1, 0])
+def test_linear_direct_many_is_the_reference(B):
+    """The materialised W_b and the norms (its sum of squares, the bias's) against float64."""
+    torch.manual_seed(B)
+    items = _direct_items(B)
+    out = ghost_many.linear_direct_many(items)
+    exp64 = ref_many.linear_direct_many(
+        [(a.double(), g.double(), wb, torch.empty(w.shape, dtype=torch.float64))
+         for a, g, wb, w in items])
+    exp32 = ref_many.linear_direct_many(
+        [(a.float(), g.float(), wb, torch.empty(w.shape)) for a, g, wb, w in items])
+    assert out.shape == exp64.shape == (9, B)
+    for r in range(out.shape[0]):
+        check(out[r], exp64[r], exp32[r], f"row {r}")
+    for a, g, _, w in items:
+        want = torch.einsum("btp,btd->bpd", g.double(), a.double())
+        assert torch.allclose(w.double(), want, rtol=1e-5, atol=1e-5)
+    # each weight norm is the sum of squares of the very W stored (up to summation order)
+    for (*_, w), r in zip(items, [0, 2, 3, 5, 7]):
+        assert torch.allclose(out[r], w.pow(2).sum((1, 2)), rtol=2e-6, atol=0)
+
+
+def test_linear_direct_many_refuses_a_bad_w():
+    a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    for w in (torch.empty(2, 3, 4), torch.empty(2, 4, 3, dtype=torch.float64),
+              torch.empty(2, 3, 4).transpose(1, 2)):
+        with pytest.raises(ValueError, match="linear_direct_many"):
+            ghost_many.linear_direct_many([(a, g, True, w)])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_engine_materialises_long_sequence_weight_gradients(backend, monkeypatch):
+    """Long sequences (T (d + p) >= d p): the engine keeps W_b from the norm op and the clipped
+    sum reads it; exact against the float64 oracle, and the weights' clipped sums never go
+    through a and g again."""
+    from oracle import check_engine
+    from torch import nn
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("a materialised use's clipped sum went through a and g")
+
+    for b in ("reference", "triton"):
+        monkeypatch.setitem(dispatch._IMPLS, ("linear_clipped_sum_many", b), no_second_pass)
+    calls = []
+    real = dispatch._IMPLS[("linear_direct_many", backend)]
+    monkeypatch.setitem(dispatch._IMPLS, ("linear_direct_many", backend),
+                        lambda items: calls.append(len(items)) or real(items))
+    dispatch._RESOLVED.clear()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False))
+        x, y = torch.randn(4, 40, 6), torch.randn(4, 40, 4)
+        dt = torch.float64 if backend == "reference" else torch.float32
+        model, x, y = model.to(dt), x.to(dt), y.to(dt)
+
+        def loss(o, t):
+            return ((o - t) ** 2).sum((1, 2)).mean()
+
+        # float32: the oracle also runs the float32 model (test_triton_engine.py's rule, K =
+        # 40 positions here: rtol 1e-4); float64: the oracle's RTOL_F64-scale agreement
+        check_engine(model, loss, x, y, backend=backend,
+                     rtol=1e-9 if backend == "reference" else 1e-4)
+    finally:
+        dispatch._RESOLVED.clear()
+    assert calls == [2]

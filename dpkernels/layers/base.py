@@ -368,8 +368,10 @@ class LinearUse(Use):
     ``||G_b||^2`` when already computed (with the bias's, in one pass over ``g``)."""
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor, method: str = "auto",
-                 norm: torch.Tensor | None = None) -> None:
+                 norm: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
         self.a, self.g, self.method, self.norm = a, g, method, norm
+        # [B, p, d] W_b, filled with the norm (linear_direct_many): the clipped sum reads it
+        self.dense = dense
 
     def raw_norm(self, op: Op) -> torch.Tensor:
         if self.norm is not None:
@@ -400,6 +402,8 @@ class LinearUse(Use):
         return None if k is None else (self.magnitude().unsqueeze(1), *k)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
         dt = torch.promote_types(self.a.dtype, torch.float32)
         with exact_fp32_on(self.a):
             return torch.einsum("btp,btd->bpd", self.g.to(dt), self.a.to(dt))
@@ -410,9 +414,17 @@ class LinearUse(Use):
         return None
 
     def clipped_sum(self, op: Op, c, acc, noise_std, seed, scale) -> torch.Tensor:
+        if self.dense is not None:
+            return op("dense_clipped_sum", self.dense, c, acc, noise_std, seed, scale)
         return op("linear_clipped_sum", self.a, self.g, c, acc, noise_std, seed, scale)
 
     def group(self) -> tuple[str, tuple]:
+        if self.dense is not None:
+            B = self.dense.shape[0]
+            return "rows_clipped_sum_many", (self.dense.reshape(B, 1, -1) if B else
+                                             self.dense.reshape(0, 1, math.prod(
+                                                 self.dense.shape[1:])),
+                                             self.dense.shape[1:])
         return "linear_clipped_sum_many", (self.a, self.g)
 
 

@@ -72,7 +72,16 @@ class LinearHandler:
             g2 = g.reshape(B, T, p)
             w_on, b_on = w.requires_grad, b is not None and b.requires_grad
             w_norm = b_norm = None
-            if w_on and engine.defers_norms():
+            dense = None
+            if w_on and engine.defers_norms() and engine.instantiates(T, d, p):
+                # direct form: W_b materialised with its norm, at clip time, one launch per
+                # shape; the clipped sum reads it too (engine.instantiate_direct)
+                dense = torch.empty(B, p, d, device=g2.device, dtype=torch.promote_types(
+                    torch.promote_types(a2.dtype, g2.dtype), torch.float32))
+                w_norm, *b_norm = engine.defer_norm("linear_direct_many",
+                                                    (a2, g2, b_on, dense), 1 + b_on)
+                b_norm = b_norm[0] if b_on else None
+            elif w_on and engine.defers_norms():
                 # taken at clip time with every other Linear's, in one grouped op
                 w_norm, *b_norm = engine.defer_norm("linear_norms_many",
                                                     (a2, g2, engine.norm_method, b_on),
@@ -84,7 +93,8 @@ class LinearHandler:
                 w_norm, b_norm = engine.op("linear_norms", a2, g2, engine.norm_method, True)
             uses = []
             if w_on:
-                uses.append((w, LinearUse(a2, g2, engine.norm_method, norm=w_norm)))
+                uses.append((w, LinearUse(a2, g2, engine.norm_method, norm=w_norm,
+                                          dense=dense)))
             if b_on:
                 uses.append((b, BiasUse(g2, norm=b_norm)))
             engine.record(name, B, uses)

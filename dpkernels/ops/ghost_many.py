@@ -252,21 +252,24 @@ def _bias_many_kernel(table_ptr, part_ptr, B, n_part, TYPE: tl.constexpr,
         triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ],
-    key=["n_q", "BLOCK_P", "BLOCK_D", "WITH_BIAS", "PRECISION"],
-    # as _linear_direct_kernel: norm_mma's float32 split with 64-row T tiles on 4 warps spilled
+    key=["n_q", "BLOCK_P", "BLOCK_D", "WITH_BIAS", "STORE_W", "PRECISION"],
+    # as _linear_direct_kernel: norm_mma's float32 split with 64-row T tiles on 4 warps spilled;
+    # STORE_W on 4 warps too (40-180 B, bf16 and float32)
     prune_configs_by={"early_config_prune": keep_configs(
-        lambda c, args: not (args["PRECISION"] == "tf32x3" and c.kwargs["BLOCK_T"] >= 64
-                             and c.num_warps < 8))},
+        lambda c, args: c.num_warps >= 8 or not (
+            args["STORE_W"] or (args["PRECISION"] == "tf32x3" and c.kwargs["BLOCK_T"] >= 64)))},
 )
 @triton.jit
 def _direct_many_kernel(table_ptr, part_ptr, B, n_q, n_td, TYPE: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                        STORE_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
     """Direct-form uses of one shape (``_linear_direct_kernel`` for all of them): sample
     ``program_id(0)``, use ``program_id(1)``, (p-tile, d-tile) ``q = program_id(2)``:
     ``part[u, b, q] = ||W_b tile||^2`` with ``W_b = sum_t g_t a_t^T``, and WITH_BIAS
     ``part[k, b, q] = ||sum_t g_t||^2`` over the p-tile from the d-tile-0 programs (0 from
-    the others), k the table row's slot 13."""
+    the others), k the table row's slot 13.  STORE_W: the tile itself, the very values
+    squared, into the contiguous float32 [B, p, d] tensor at the row's slot 14."""
     b = tl.program_id(0).to(tl.int64)
     u = tl.program_id(1).to(tl.int64)
     q = tl.program_id(2).to(tl.int64)
@@ -284,10 +287,108 @@ def _direct_many_kernel(table_ptr, part_ptr, B, n_q, n_td, TYPE: tl.constexpr,
                                   md, T, UPCAST, PRECISION, WITH_BIAS, BLOCK_P, BLOCK_D,
                                   BLOCK_T)
     tl.store(part_ptr + (u * B + b) * n_q + q, tl.sum(tl.sum(w * w, axis=1), axis=0))
+    if STORE_W:
+        w_ptr = tl.load(row + 14).to(tl.pointer_type(tl.float32))
+        tl.store(w_ptr + (b * p + cp[:, None]) * d + cd[None, :], w,
+                 mask=mp[:, None] & md[None, :])
     if WITH_BIAS:
         beta = tl.sum(g_acc, axis=1)  # [BP] sum_t g_t over this p-tile
         sb = tl.where(q % n_td == 0, tl.sum(beta * beta, axis=0), 0.0)
         tl.store(part_ptr + (tl.load(row + 13) * B + b) * n_q + q, sb)
+
+
+def _direct_tile() -> int:
+    """The W tile of the direct-form launches: 64 on the GPU, 32 in the interpreter."""
+    return 32 if INTERPRET else 64
+
+
+def _plan_direct(direct: dict, device) -> tuple[list, list[int]]:
+    """For the direct-form table rows grouped by (dtype, d, p, with bias): per launch (key,
+    (p-tile, d-tile) pairs, d-tiles, partial rows, their output rows), the bias rows' partial
+    slots set in the table rows (slot 13), and all output rows in launch order, staged to
+    ride along the next table copy (the scatter's index)."""
+    bd = _direct_tile()
+    plan = []
+    for key, rows in direct.items():
+        _, d, p, with_bias = key
+        n_u = len(rows)
+        for j, r in enumerate(rows):
+            r[13] = n_u + j if with_bias else -1
+        targets = [r[11] for r in rows] + ([r[12] for r in rows] if with_bias else [])
+        n_td = triton.cdiv(d, bd)
+        plan.append((key, n_td * triton.cdiv(p, bd), n_td, len(targets), targets))
+    targets = [k for *_, t in plan for k in t]
+    if targets:
+        stage_table([targets], torch.int64, device)
+    return plan, targets
+
+
+def _run_direct(plan, direct, targets, slices, out, B, device, store_w: bool) -> None:
+    """One ``_direct_many_kernel`` launch per planned shape (table slices from ``slices``),
+    one partial sum each, and one scatter of all of them into their rows of ``out``."""
+    bd = _direct_tile()
+    sums = []
+    for (key, n_q, n_td, n_rows_d, _), rows in zip(plan, direct.values()):
+        dt, d, p, with_bias = key
+        dpart = torch.empty(n_rows_d, B, n_q, dtype=torch.float32, device=device)
+        _note_cost(sum((r[10] * (d + p)) * B * 4.0 for r in rows)
+                   + (B * p * d * 4.0 * len(rows) if store_w else 0.0),
+                   sum(2.0 * B * n_q * bd * bd * r[10] for r in rows))
+        _direct_many_kernel[(B, len(rows), n_q)](
+            table_ptr=next(slices), part_ptr=dpart, B=B, n_q=n_q, n_td=n_td,
+            TYPE=_TYPES[dt], UPCAST=INTERPRET, PRECISION=norm_precision(dt),
+            WITH_BIAS=with_bias, STORE_W=store_w, BLOCK_P=bd, BLOCK_D=bd)
+        sums.append(dpart.sum(-1))
+    if sums:
+        idx = device_table([targets], torch.int64, device).view(-1)
+        out.index_copy_(0, idx, sums[0] if len(sums) == 1 else torch.cat(sums))
+
+
+@register("linear_direct_many", "triton")
+def linear_direct_many(items: list) -> torch.Tensor:
+    """[rows, B] float32 norms of every ``(a, g, with_bias, W)`` of ``items`` (the weight row,
+    then the bias row when with_bias), and ``W`` [B, p, d] (float32, contiguous) filled with
+    the per-sample weight gradients ``W_b = sum_t g_t a_t^T`` whose squares the weight rows
+    sum: the direct form, materialised, so that the clipped sum is ``sum_b c_b W_b`` (no
+    second pass over a and g).  One launch per shape, as ``linear_norms_many``'s direct
+    uses."""
+    B = ref.check_direct_items("linear_direct_many", items)
+    if any(use_reference(a, g, w) for a, g, _, w in items):
+        return ref.linear_direct_many(items)
+    device = items[0][1].device
+    out = torch.empty(sum(1 + bool(wb) for _, _, wb, _ in items), B, dtype=torch.float32,
+                      device=device)
+    direct: dict[tuple, list] = {}
+    keep, k = [], 0
+    for a, g, with_bias, w in items:
+        check_float("linear_direct_many", a, g)
+        a, g = same_dtype(a, g)
+        keep.append((a, g))
+        kw, kb = k, (k + 1 if with_bias else -1)
+        k += 1 + bool(with_bias)
+        if B == 0:
+            continue
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        if T == 0 or d == 0 or p == 0:
+            w.zero_()
+            out[kw].zero_()
+            if with_bias:
+                out[kb].zero_()
+            continue
+        direct.setdefault((a.dtype, d, p, bool(with_bias)), []).append(
+            [a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), d, g.data_ptr(),
+             g.stride(0), g.stride(1), g.stride(2), p, T, kw, kb, -1, w.data_ptr(), -1])
+    if not direct:
+        return out
+    plan, targets = _plan_direct(direct, device)
+    rows = [r for rs in direct.values() for r in rs]
+    table = device_table(rows, torch.int64, device)
+    starts = [0]
+    for rs in direct.values():
+        starts.append(starts[-1] + len(rs))
+    slices = iter([table[i:j] for i, j in zip(starts, starts[1:])])
+    _run_direct(plan, direct, targets, slices, out, B, device, store_w=True)
+    return out
 
 
 def _block_t(T: int) -> int:
@@ -407,21 +508,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     n_part = max([1, *n_pairs.values()])
     part = torch.empty(n_out, B, n_part, dtype=torch.float32, device=device)
     # the rows of every launch in one table: one host-to-device copy, a slice per launch
-    # direct-form uses: one launch per shape, partial rows [uses, then their biases] per
-    # launch, summed and scattered into their output rows by one index_copy
-    bd = 32 if INTERPRET else 64
-    direct_plan = []  # (key, n_q, n_td, partial rows, target output rows)
-    for key, rows in direct.items():
-        _, d, p, with_bias = key
-        n_u = len(rows)
-        for j, r in enumerate(rows):
-            r[13] = n_u + j if with_bias else -1
-        targets = [r[11] for r in rows] + ([r[12] for r in rows] if with_bias else [])
-        n_td = triton.cdiv(d, bd)
-        direct_plan.append((key, n_td * triton.cdiv(p, bd), n_td, len(targets), targets))
-    targets = [k for *_, t in direct_plan for k in t]
-    if targets:
-        stage_table([targets], torch.int64, device)
+    direct_plan, targets = _plan_direct(direct, device)
     launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values(),
                 *direct.values()]
     starts = [0]
@@ -457,20 +544,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
             table_ptr=next(slices), part_ptr=part, B=B, n_part=n_part,
             TYPE=_TYPES[dt])
     out = part.view(n_out, B) if n_part == 1 else part.sum(-1)
-    sums = []
-    for (key, n_q, n_td, n_rows_d, _), rows in zip(direct_plan, direct.values()):
-        dt, d, p, with_bias = key
-        dpart = torch.empty(n_rows_d, B, n_q, dtype=torch.float32, device=device)
-        _note_cost(sum((r[10] * (d + p)) * B * 4.0 for r in rows),
-                   sum(2.0 * B * n_q * bd * bd * r[10] for r in rows))
-        _direct_many_kernel[(B, len(rows), n_q)](
-            table_ptr=next(slices), part_ptr=dpart, B=B, n_q=n_q, n_td=n_td,
-            TYPE=_TYPES[dt], UPCAST=INTERPRET, PRECISION=norm_precision(dt),
-            WITH_BIAS=with_bias, BLOCK_P=bd, BLOCK_D=bd)
-        sums.append(dpart.sum(-1))
-    if sums:
-        idx = device_table([targets], torch.int64, device).view(-1)
-        out.index_copy_(0, idx, sums[0] if len(sums) == 1 else torch.cat(sums))
+    _run_direct(direct_plan, direct, targets, slices, out, B, device, store_w=False)
     for i in alone:
         a, g, method, with_bias = items[i]
         kw, kb = out_rows[i]

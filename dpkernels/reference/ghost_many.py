@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpkernels.dispatch import register
+from dpkernels.reference._common import chunks
 from dpkernels.reference.bounds import magnitude
 from dpkernels.reference.embedding import embedding_norm
 from dpkernels.reference.linear import linear_bias_norm, linear_norms
@@ -136,3 +137,48 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     for t in parts[1:]:
         dt = torch.promote_types(dt, t.dtype)
     return torch.stack([t.to(dt) for t in parts])
+
+
+def check_direct_items(name: str, items: list) -> int:
+    """The batch size of ``items`` [(a, g, with_bias, W), ...] (``linear_direct_many``),
+    checked: a [B, T, d], g [B, T, p], W a contiguous [B, p, d] tensor of the accumulation
+    dtype (float32, float64 for float64 inputs)."""
+    if not items:
+        raise ValueError(f"dpkernels.ops.{name}: no inputs")
+    B = items[0][1].shape[0]
+    for i, item in enumerate(items):
+        if len(item) != 4:
+            raise ValueError(f"dpkernels.ops.{name}: input {i} is not (a, g, with_bias, W)")
+        a, g, _, w = item
+        want = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+        if (a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2] or a.shape[0] != B
+                or not isinstance(w, torch.Tensor)
+                or tuple(w.shape) != (B, g.shape[2], a.shape[2]) or w.dtype != want
+                or not w.is_contiguous()):
+            raise ValueError(
+                f"dpkernels.ops.{name}: input {i} has shapes {tuple(a.shape)}, "
+                f"{tuple(g.shape)} and W {tuple(getattr(w, 'shape', ()))} "
+                f"({getattr(w, 'dtype', None)}), expected a [{B}, T, d], g [{B}, T, p] and a "
+                f"contiguous {want} W [{B}, p, d]")
+    return B
+
+
+@register("linear_direct_many", "reference")
+def linear_direct_many(items: list) -> torch.Tensor:
+    """[rows, B] norms of every ``(a, g, with_bias, W)`` of ``items`` (the weight row, then
+    the bias row when with_bias), each weight norm the sum of squares of ``W``, filled here
+    with ``W_b = sum_t g_t a_t^T``; float32 (float64 for float64 inputs)."""
+    B = check_direct_items("linear_direct_many", items)
+    rows = []
+    for a, g, with_bias, w in items:
+        dt = w.dtype
+        a, g = a.detach(), g.detach()  # a may be a saved input that requires grad
+        for s in chunks(B, max(1, a.shape[1]) * (a.shape[2] + g.shape[2])):
+            torch.bmm(g[s].to(dt).transpose(1, 2), a[s].to(dt), out=w[s])
+        rows.append(w.pow(2).sum((1, 2)))
+        if with_bias:
+            rows.append(linear_bias_norm(g).to(dt))
+    dt = torch.float32
+    for r in rows:
+        dt = torch.promote_types(dt, r.dtype)
+    return torch.stack([r.to(dt) for r in rows]) if rows else torch.zeros(0, B)
