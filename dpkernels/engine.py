@@ -38,7 +38,6 @@ from dpkernels.layers.base import (
     underflow_own,
 )
 from dpkernels.reference import bounds as ref_bounds
-from dpkernels.reference.linear import choose_method
 
 _ENGINE_ATTR = "_dpkernels_engine"
 
@@ -415,12 +414,14 @@ class Engine:
     # read W_b (one pass over a and g instead of two; ops "linear_direct_many").
     instantiate_direct = True
 
-    def instantiates(self, T: int, d: int, p: int) -> bool:
-        """Whether a deferred Linear use of these sizes materialises ``W_b``."""
-        if not (self.instantiate_direct and T > 1 and d and p):
+    def instantiates(self, T: int, d: int, p: int, itemsize: int = 4) -> bool:
+        """Whether a deferred Linear use of these sizes materialises ``W_b``: when its norm
+        takes the direct form and the float32 ``W_b`` is no larger than the ``a`` and ``g``
+        (``itemsize`` bytes each) it keeps anyway (not for a direct form forced on short
+        sequences, whose W_b would be far larger)."""
+        if not (self.instantiate_direct and T > 1 and d and p) or self.norm_method == "ghost":
             return False
-        method = choose_method(T, d, p) if self.norm_method == "auto" else self.norm_method
-        return method == "direct"
+        return 4 * d * p <= itemsize * T * (d + p)
 
     def defer_norm(self, op: str, operands: tuple, rows: int) -> list[_Pending]:
         """``rows`` [B] squared norms that ``op([operands, ...])`` computes, as a [rows in

@@ -423,3 +423,63 @@ def test_engine_materialises_long_sequence_weight_gradients(backend, monkeypatch
     finally:
         dispatch._RESOLVED.clear()
     assert calls == [2]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_tied_weight_cross_term_before_w_b_is_filled(backend, monkeypatch):
+    """A Linear's weight also used as ``x * w`` earlier in the forward (later in the
+    backward): the cross term arrives before the deferred op fills the Linear's W_b, and
+    must come from a and g (reviewer: from the unfilled buffer, 73 C released).  W_b's
+    buffer is filled with 1e3 garbage to make the ordering visible."""
+    from oracle import check_engine
+    from torch import nn
+
+    import dpkernels.layers.linear as L
+
+    class Garbage:
+        def __getattr__(self, k):
+            return getattr(torch, k)
+
+        def empty(self, *shape, **kw):
+            return torch.full(shape if len(shape) > 1 else shape[0], 1e3, **kw)
+
+    monkeypatch.setattr(L, "torch", Garbage())
+
+    class Scale(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return x * self.w
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    model = nn.Sequential(Scale(lin.weight), nn.Tanh(), lin).to(dt)
+    model[0].w = model[2].weight
+    x, y = torch.randn(4, 5, 6, dtype=dt), torch.randn(4, 5, 5, dtype=dt)
+
+    def loss(o, t):
+        return ((o - t) ** 2).sum((1, 2)).mean()
+
+    check_engine(model, loss, x, y, backend=backend,
+                 rtol=1e-9 if backend == "reference" else 1e-4)
+
+
+def test_forced_direct_on_short_sequences_keeps_no_w_b():
+    """W_b is kept only where it is no larger than the a and g kept anyway."""
+    from torch import nn
+
+    import dpkernels
+
+    model = nn.Linear(256, 256)
+    dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                noise_multiplier=0.0, max_grad_norm=1.0, seed=0,
+                                loss_reduction="sum", norm_method="direct")
+    try:
+        assert not dp.engine.instantiates(2, 256, 256)  # 2 * 512 < 256 * 256
+        assert dp.engine.instantiates(256, 256, 256)
+        assert not dp.engine.instantiates(200, 256, 256, itemsize=2)  # bf16 a, g: half
+    finally:
+        dpkernels.detach(model)

@@ -402,7 +402,9 @@ class LinearUse(Use):
         return None if k is None else (self.magnitude().unsqueeze(1), *k)
 
     def raw_dense(self, op: Op) -> torch.Tensor:
-        if self.dense is not None:
+        if self.dense is not None and isinstance(self.norm, torch.Tensor):
+            # filled: the deferred op that writes W_b also gave the norm (a cross term with
+            # a later use of the same parameter may come before that: from a and g then)
             return self.dense
         dt = torch.promote_types(self.a.dtype, torch.float32)
         with exact_fp32_on(self.a):

@@ -73,7 +73,8 @@ class LinearHandler:
             w_on, b_on = w.requires_grad, b is not None and b.requires_grad
             w_norm = b_norm = None
             dense = None
-            if w_on and engine.defers_norms() and engine.instantiates(T, d, p):
+            if w_on and engine.defers_norms() and engine.instantiates(
+                    T, d, p, min(a2.element_size(), g2.element_size())):
                 # direct form: W_b materialised with its norm, at clip time, one launch per
                 # shape; the clipped sum reads it too (engine.instantiate_direct)
                 dense = torch.empty(B, p, d, device=g2.device, dtype=torch.promote_types(
