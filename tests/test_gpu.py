@@ -273,6 +273,29 @@ def test_fused_noise_statistics_cuda():
     assert abs(w.std().item() / std - 1) <= 5 / math.sqrt(2 * n)
 
 
+def test_engine_long_sequence_keeps_w_b_on_the_gpu():
+    """A long-sequence Linear stack on the GPU (the direct form, W_b kept from the norm launch
+    for the clipped sum): one DP step against the float32 oracle on the same card, by the
+    float32 engine rule (tests/test_triton_engine.py: rtol 1e-4), with C above every norm
+    (the clip factors are then 1 on both sides: the sum form's bound, ~1e-4 of a norm at
+    T 256, would otherwise move them by more than the rule; clipping itself is checked on
+    short sequences)."""
+    _ops()
+    from oracle import check_engine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Tanh(),
+                                torch.nn.Linear(40, 32)).cuda()
+    x, y = torch.randn(6, 256, 48, device="cuda"), torch.randn(6, 256, 32, device="cuda")
+
+    def loss(o, t):
+        return ((o - t) ** 2).sum((1, 2)).mean()
+
+    with no_tf32():
+        check_engine(model, loss, x, y, backend="triton", rtol=1e-4, max_grad_norm=1e6,
+                     require_mixed_clipping=False)
+
+
 def test_engine_bf16_autocast_triton_clips():
     """One DP step under bf16 autocast with backend='triton' (noise 0, C at the median norm:
     half the samples clipped): float32 grads and norms within the bf16 budget (eps 2^-8; 5e-2

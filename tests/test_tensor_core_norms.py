@@ -295,3 +295,38 @@ def test_split_scales_back_without_an_intermediate_overflow(split_path):
     x, gc = a.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
     c = tconv.conv_norm(x, gc, (p, d, 1), (1,), (0,), (1,), 1, "direct")
     assert torch.allclose(c.double(), exact, rtol=1e-6)
+
+
+def test_direct_form_uses_are_charged_the_sum_form_bound_only():
+    """A norm computed as the sum of squares of W_b (the direct form) is off by the sum form's
+    error alone; charging the ghost form's kappa u S^2 too (S^2 ~ T n^2) inflated long
+    sequences' norms (T 1024: +0.30% against +0.04%)."""
+    B, T, d, p = 2, 300, 8, 6  # T (d + p) >= d p: direct under "auto"
+    a, g = torch.randn(B, T, d), torch.randn(B, T, p)
+    direct = LinearUse(a, g, "auto")
+    assert direct.direct_form() and direct.bound_constants() == (0, T)
+    assert direct.kappa() > 0  # cross terms (Gram-form sums) keep it
+    ghost = LinearUse(a, g, "ghost")
+    assert not ghost.direct_form() and ghost.bound_constants() == (ghost.kappa(), T)
+    assert LinearUse(a[:, :2], g[:, :2], "auto").bound_constants()[0] > 0  # short: ghost
+    assert BiasUse(g, gram=False).bound_constants() == (0, T)
+    assert BiasUse(g).bound_constants() == (BiasUse(g).kappa(), T)
+
+
+def test_linear_bias_charged_by_its_weights_form():
+    from torch import nn
+
+    import dpkernels
+
+    for T, gram in ((300, False), (2, True)):
+        model = nn.Linear(8, 6)
+        dp = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    noise_multiplier=0.0, max_grad_norm=1.0, seed=0,
+                                    loss_reduction="sum")
+        try:
+            model(torch.randn(2, T, 8)).sum().backward()
+            (_, bias_use), = [(p, u) for p, us in dp.engine.uses.items() for u in us
+                              if isinstance(u, BiasUse)]
+            assert bias_use.gram is gram
+        finally:
+            dpkernels.detach(model)

@@ -18,6 +18,7 @@ import torch
 from dpkernels.reference import bounds as ref_bounds
 from dpkernels.reference._common import exact_fp32_on
 from dpkernels.reference.bounds import dot_roundings
+from dpkernels.reference.linear import choose_method
 
 Op = Callable[..., torch.Tensor]
 
@@ -97,8 +98,8 @@ def underflow_cross(u: Use, v: Use) -> torch.Tensor | None:
 def cancellation_bounds(terms: list) -> torch.Tensor:
     """[B] summed error bounds of the squared norms for ``terms``: (S [B, G], kappa, T,
     norm_sq [B]) per use, G groups each bounded on its own (a conv's per-group Linears).  One
-    stacked pass for all uses of a micro-batch; the larger of the ghost and sum forms, whichever
-    the op chose."""
+    stacked pass for all uses of a micro-batch; the larger of the ghost and sum forms (a use
+    known to take the sum or direct form gives kappa 0: ``LinearUse.direct_form``)."""
     S = torch.cat([t[0] for t in terms], 1)  # [B, sum G]
     n = torch.cat([t[3].clamp_min(0).sqrt().unsqueeze(1).expand(-1, t[0].shape[1])
                    for t in terms], 1)
@@ -391,11 +392,23 @@ class LinearUse(Use):
         return (dot_roundings(self.a.shape[-1], self.a) + dot_roundings(self.g.shape[-1], self.g)
                 + 2 * self.a.shape[1] + 16)
 
+    def direct_form(self) -> bool:
+        """Whether the norm is the sum of squares of ``W_b`` itself (the direct form, also
+        when ``W_b`` is kept): its error is then the sum form's alone, not the ghost form's
+        (which grows with S^2 ~ T n^2 and would inflate long sequences' norms by tens of
+        percent)."""
+        if self.dense is not None:
+            return True
+        T, d, p = self.a.shape[1], self.a.shape[2], self.g.shape[2]
+        return (choose_method(T, d, p) if self.method == "auto" else self.method) == "direct"
+
     def bound_constants(self):
         T = self.a.shape[1]
         if T <= 1:  # ||a||^2 ||g||^2: products of sums of squares, no cancellation
             return None
-        return self.kappa(), dot_roundings(T, self.g)
+        # the ghost constant (kappa) only where the norm took the ghost form; kappa() itself
+        # stays for cross terms, which are Gram-form sums whatever the norms' form
+        return (0 if self.direct_form() else self.kappa()), dot_roundings(T, self.g)
 
     def error_terms(self):
         k = self.bound_constants()
@@ -434,8 +447,11 @@ class BiasUse(Use):
     """``G_b = sum_t g_t`` with ``g`` [B, T, p] (Linear and Conv biases).  ``norm``: its [B]
     ``||G_b||^2`` when already computed."""
 
-    def __init__(self, g: torch.Tensor, norm: torch.Tensor | None = None) -> None:
-        self.g, self.norm = g, norm
+    def __init__(self, g: torch.Tensor, norm: torch.Tensor | None = None,
+                 gram: bool = True) -> None:
+        # gram: the norm may be the Gram form's sum_{t,s} g_t . g_s (a ghost-form Linear's
+        # kernel); False: it is ||sum_t g_t||^2 formed from the sum (the sum form's bound)
+        self.g, self.norm, self.gram = g, norm, gram
 
     def raw_norm(self, op: Op) -> torch.Tensor:
         if self.norm is not None:
@@ -454,7 +470,7 @@ class BiasUse(Use):
     def bound_constants(self):
         if self.g.shape[1] <= 1:
             return None
-        return self.kappa(), dot_roundings(self.g.shape[1], self.g)
+        return (self.kappa() if self.gram else 0), dot_roundings(self.g.shape[1], self.g)
 
     def error_terms(self):
         k = self.bound_constants()

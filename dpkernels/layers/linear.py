@@ -97,7 +97,10 @@ class LinearHandler:
                 uses.append((w, LinearUse(a2, g2, engine.norm_method, norm=w_norm,
                                           dense=dense)))
             if b_on:
-                uses.append((b, BiasUse(g2, norm=b_norm)))
+                # with a direct-form weight the bias norm comes from the same kernel's sum of
+                # the g tiles (or the reference's sum): the sum form's bound
+                direct = w_on and uses[0][1].direct_form()
+                uses.append((b, BiasUse(g2, norm=b_norm, gram=not direct)))
             engine.record(name, B, uses)
 
         dt, (xc, wc, bc) = cast_for_autocast(x, w, b)
