@@ -279,3 +279,30 @@ def test_gpt2_float32_triton():
     m = gpt2().float()
     x, y = tokens()
     exact(m, lm_loss, x, y, backend="triton", rtol=1e-4)
+
+
+def test_gpt2_bf16_autocast_stays_on_the_fast_path():
+    """Under CPU bf16 autocast the op capture's batching check compares the module's bf16
+    output with torch.func.vmap's per-sample re-run, which autocast does not reach (float32):
+    GPT-2's Conv1D addmm fell back to the generic torch.func path (slow, per-sample
+    gradients in bf16).  Now compared in float32 at bf16's tolerance: no fallback, and the
+    per-sample norms are the float32 step's within bf16's budget (eps 2^-8: 5e-2 ~ 10 eps)."""
+    x, y = tokens()
+    norms = {}
+    for autocast in (False, True):
+        m = gpt2().float()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        dp = dpkernels.make_private(m, opt, noise_multiplier=0.0, max_grad_norm=1.0,
+                                    loss_reduction="sum", seed=0)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="dpkernels")
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = lm_loss(m(x), y) * x.shape[0]
+                loss.backward()
+            norms[autocast] = dp.per_sample_norms.clone()
+            dp.step()
+        finally:
+            dpkernels.detach(m)
+    rel = (norms[True] - norms[False]).norm() / norms[False].norm()
+    assert float(rel) < 5e-2, rel
