@@ -71,14 +71,14 @@ class Tracked:
 
     def __init__(self, param: nn.Parameter, fn: Callable | None = None,
                  batch_const: bool = False, same_grad: bool | None = None,
-                 diagonal: bool | None = None, low_ops: int = 0) -> None:
+                 diagonal: bool | None = None, low_ops: int = 0,
+                 low_ops_bf16: bool = False) -> None:
         self.param, self.fn, self.batch_const = param, fn, batch_const
         self.same_grad = fn is None if same_grad is None else same_grad
         self.diagonal = fn is None if diagonal is None else diagonal
         # calls of fn with a 16-bit result: autograd rounds the gradient (and the derivative)
         # to 16 bits there, which the vjp in ``use`` does too; whether one is bfloat16
-        self.low_ops = low_ops
-        self.low_ops_bf16 = False
+        self.low_ops, self.low_ops_bf16 = low_ops, low_ops_bf16
 
     def value(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.fn is None else self.fn(v)
@@ -283,10 +283,9 @@ class CaptureMode(TorchFunctionMode):
                     and not (func is torch.Tensor.view
                              and any(isinstance(v, torch.dtype) for v in flat)))
             low = sum(tr.low_ops for _, tr in hits) + (out.dtype in _LOW)
-            tr = Tracked(param, fn, const and out.shape[0] != 1, same, diag, low)
-            tr.low_ops_bf16 = (out.dtype == torch.bfloat16
-                               or any(t.low_ops_bf16 for _, t in hits))
-            self.track(out, tr)
+            bf16 = out.dtype == torch.bfloat16 or any(tr.low_ops_bf16 for _, tr in hits)
+            self.track(out, Tracked(param, fn, const and out.shape[0] != 1, same, diag, low,
+                                    bf16))
         elif isinstance(out, (tuple, list)):  # split, chunk, unbind
             for j, o in enumerate(out):
                 if isinstance(o, torch.Tensor):

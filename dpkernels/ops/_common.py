@@ -345,10 +345,11 @@ def norm_mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
+    if PRECISION != "ieee":
+        tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
     if PRECISION == "ieee":
         out = tl.dot(x, y, acc, input_precision="ieee")
     elif PRECISION == "tf32x3":
-        tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
         sx, ex = _pow2_scale(tl.max(tl.abs(x), axis=1))  # [M]
         sy, ey = _pow2_scale(tl.max(tl.abs(y), axis=0))  # [N]
         xh, xl = _tf32_split(x * sx[:, None])
@@ -358,7 +359,6 @@ def norm_mma(x, y, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         blk = tl.dot(xh, yh, blk, input_precision="tf32")
         out = acc + _unscale(blk, ex, ey)
     else:
-        tl.static_assert(x.shape[1] <= _TC_BLOCK_K_MAX)
         blk = tl.dot(x, y)
         out = tl.fma(blk, 1.0, acc)  # not acc + blk: Triton folds that into tl.dot(x, y, acc)
     return out

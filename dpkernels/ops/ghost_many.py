@@ -381,14 +381,21 @@ def linear_direct_many(items: list) -> torch.Tensor:
     if not direct:
         return out
     plan, targets = _plan_direct(direct, device)
-    rows = [r for rs in direct.values() for r in rs]
-    table = device_table(rows, torch.int64, device)
-    starts = [0]
-    for rs in direct.values():
-        starts.append(starts[-1] + len(rs))
-    slices = iter([table[i:j] for i, j in zip(starts, starts[1:])])
+    slices = _table_slices(list(direct.values()), device)
     _run_direct(plan, direct, targets, slices, out, B, device, store_w=True)
     return out
+
+
+def _table_slices(groups, device):
+    """One table of every launch's rows (``groups``: lists of table rows, one per launch),
+    uploaded in one copy (``device_table``); an iterator over each launch's slice."""
+    starts = [0]
+    for rows in groups:
+        starts.append(starts[-1] + len(rows))
+    if not groups:
+        return iter(())
+    table = device_table([r for rows in groups for r in rows], torch.int64, device)
+    return iter([table[a:b] for a, b in zip(starts, starts[1:])])
 
 
 def _block_t(T: int) -> int:
@@ -511,13 +518,7 @@ def linear_norms_many(items: list, mags: list | None = None) -> torch.Tensor:
     direct_plan, targets = _plan_direct(direct, device)
     launches = [*ghost.values(), *embs.values(), *prods.values(), *biases.values(),
                 *direct.values()]
-    starts = [0]
-    for rows in launches:
-        starts.append(starts[-1] + len(rows))
-    table = None
-    if launches:
-        table = device_table([r for rows in launches for r in rows], torch.int64, device)
-    slices = iter([table[a:b] for a, b in zip(starts, starts[1:])])
+    slices = _table_slices(launches, device)
     for (dt, bt), rows in ghost.items():
         pairs = upper_pairs(n_tiles[(dt, bt)], device)
         _note_cost(*cost[(dt, bt)])
